@@ -1,0 +1,241 @@
+"""Mixtral-style MoE GPT on Megatron-core's ``GPTModel``.
+
+RMSNorm, SwiGLU experts, RoPE, grouped-query attention, no linear biases, untied embeddings,
+optional QK-norm (Qwen3-MoE style). Every transformer layer is an MoE layer.
+
+The layer spec is Megatron-core's own (Transformer Engine spec when TE is importable and CUDA is
+present, else the local spec) with two substitutions made through the spec, never by editing
+Megatron files: the MoE module becomes ``ElasticMoELayer`` with ``ElasticRouter`` (variable
+per-layer k, candidate pools, router losses), and on the local spec core attention becomes
+``SDPAttention``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_elastic.config import Config
+from megatron_elastic.models.attention import SDPAttention
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def use_bf16(cfg: Config) -> bool:
+    return cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    bf16 = use_bf16(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size or m.moe_ffn_hidden_size,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        qk_layernorm=m.qk_layernorm,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        num_moe_experts=m.num_moe_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_topk=_max_k(cfg),
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
+        moe_router_dtype=m.moe_router_dtype,
+        moe_per_layer_logging=m.moe_per_layer_logging,
+        moe_permute_fusion=False,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # CPU init builds every weight from the global RNG then slices it, so weights do not
+        # depend on CUDA RNG trackers; init_weights() below then makes them layout-independent.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _max_k(cfg: Config) -> int:
+    """Megatron sizes static buffers from moe_router_topk: give it the largest k a step can use."""
+    return max(cfg.model.moe_router_topk, cfg.elastic_k_max)
+
+
+def layer_spec(cfg: Config, use_te: Optional[bool] = None) -> ModuleSpec:
+    from megatron_elastic.moe.layer import ElasticMoELayer
+    from megatron_elastic.moe.router import ElasticRouter
+
+    m = cfg.model
+    use_te = te_available() if use_te is None else use_te
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=m.num_moe_experts,
+            moe_grouped_gemm=m.moe_grouped_gemm,
+            qk_layernorm=m.qk_layernorm,
+        )
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=m.num_moe_experts,
+            moe_grouped_gemm=m.moe_grouped_gemm,
+            qk_layernorm=m.qk_layernorm,
+            normalization=m.normalization,
+        )
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec = copy.deepcopy(spec)
+    moe = spec.submodules.mlp
+    moe.module = ElasticMoELayer
+    moe.submodules.router = ElasticRouter
+    return spec
+
+
+def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> GPTModel:
+    """Build the MoE GPT for this rank's shard (parallel state must be initialised)."""
+    tcfg = transformer_config(cfg)
+    vocab = cfg.model.vocab_size or padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+    )
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg, use_te),
+        vocab_size=vocab,
+        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+    )
+    from megatron_elastic.moe.layer import attach_elastic
+
+    attach_elastic(model, cfg)
+    init_weights(model, cfg)
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
+# ---------------------------------------------------------------------- initialisation
+def global_param_name(name: str, module_layout: dict) -> str:
+    """Name a local parameter by its global identity (expert index global, not local)."""
+    return module_layout.get(name, name)
+
+
+def _seed_for(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_weights(model: GPTModel, cfg: Config) -> None:
+    """Initialise every weight from a generator keyed by (seed, global parameter name).
+
+    Megatron-core's initialisation depends on the parallel layout (expert j on EP rank r draws
+    what expert j draws on rank 0). Keying each tensor on its *global* name and slicing the
+    tensor-parallel shard out of the full tensor makes a model identical under any TP/EP layout,
+    which is what lets a 2-rank expert-parallel run be compared with a 1-rank run bit for bit.
+    Norm weights keep their ones; output projections get Megatron's scaled std.
+    """
+    from megatron.core import parallel_state as ps
+
+    std = cfg.model.init_method_std
+    scaled_std = std / (2.0 * cfg.model.num_layers) ** 0.5
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    etp_size = ps.get_expert_tensor_parallel_world_size()
+    names = expert_global_names(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or param.dim() < 2:
+                continue
+            gname = names.get(name, name)
+            is_expert = ".experts." in name
+            rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
+            full_shape = list(param.shape)
+            dim = getattr(param, "partition_dim", -1)
+            sharded = getattr(param, "tensor_model_parallel", False) and size > 1 and dim >= 0
+            if sharded:
+                full_shape[dim] *= size
+            g = torch.Generator().manual_seed(_seed_for(cfg.train.seed, gname))
+            s = scaled_std if ("linear_proj" in name or "linear_fc2" in name) else std
+            full = torch.randn(full_shape, generator=g, dtype=torch.float32) * s
+            if sharded:
+                full = full.chunk(size, dim=dim)[rank]
+            param.copy_(full.to(param.dtype))
+
+
+def expert_global_names(model: torch.nn.Module) -> dict:
+    """Map local expert parameter names to names with the global expert index."""
+    import re
+
+    mapping = {}
+    for mod_name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        indices = getattr(module, "local_expert_indices", None)
+        if experts is None or indices is None:
+            continue
+        prefix = f"{mod_name}.experts."
+        for pname, _ in experts.named_parameters():
+            full = prefix + pname
+            m = re.match(r"local_experts\.(\d+)\.(.*)", pname)
+            if m:
+                mapping[full] = f"{prefix}local_experts.{indices[int(m.group(1))]}.{m.group(2)}"
+                continue
+            m = re.match(r"(.*weight)(\d+)$", pname)  # grouped GEMM: linear_fc1.weight{i}
+            if m:
+                mapping[full] = f"{prefix}local_experts.{indices[int(m.group(2))]}.{m.group(1)}"
+    return mapping
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+"""Inference control: how many experts each layer activates at evaluation time.
+
+``set_inference_k(model, 4)`` sets k'=4 everywhere; ``set_inference_k(model, [6, 4, 2, 1])`` sets
+a per-layer budget (one entry per MoE layer, in depth order); ``set_inference_k(model,
+top_p=0.5)`` lets each token take the smallest k whose probability mass reaches 0.5 (clipped to
+the trained [k_min, k_max]); ``set_inference_k(model, None)`` restores the default (the training k,
+or k_max for a varying schedule). Training forwards are unaffected: they follow the schedule.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from megatron_elastic.moe.router import elastic_routers
+
+KSpec = Union[None, int, Sequence[int]]
+
+
+def set_inference_k(model: torch.nn.Module, k: KSpec = None, top_p: Optional[float] = None) -> None:
+    routers = elastic_routers(model)
+    if not routers:
+        raise ValueError("model has no elastic routers; was it built by megatron_elastic?")
+    routers.sort(key=lambda r: r.layer_number or 0)
+    if top_p is not None:
+        if k is not None:
+            raise ValueError("pass k or top_p, not both")
+        for router in routers:
+            router.set_inference(top_p=top_p)
+        return
+    if k is None or isinstance(k, int):
+        for router in routers:
+            router.set_inference(k=k)
+        return
+    ks = list(k)
+    if len(ks) != len(routers):
+        raise ValueError(f"per-layer k lists {len(ks)} values but the model has {len(routers)} MoE layers")
+    for router, k_l in zip(routers, ks):
+        router.set_inference(k=int(k_l))
+
+
+def inference_k(model: torch.nn.Module) -> List[Optional[int]]:
+    """The k' each layer uses at evaluation (None where a top-p threshold decides per token)."""
+    out = []
+    for router in sorted(elastic_routers(model), key=lambda r: r.layer_number or 0):
+        if router.eval_top_p is not None:
+            out.append(None)
+        else:
+            out.append(router.eval_k if router.eval_k is not None else router.default_eval_k)
+    return out

@@ -1,0 +1,72 @@
+"""All-to-all token dispatcher for a per-layer, per-step k.
+
+Megatron-core's ``MoEAlltoAllTokenDispatcher`` sizes its dropless permutation output as
+``num_tokens * config.moe_router_topk`` and its capacity from the same constant. Here the router
+hands over the k it used for this forward before dispatch:
+
+* an int k_l: dropless output is ``num_tokens * k_l``, known on the host, so no device sync is
+  added; with a capacity factor, capacity is computed from ``num_tokens * k_l``;
+* None (per-token top-p): the output size is the measured number of selected slots, synced the
+  way Megatron syncs its capacity-factor path.
+
+The tensor handed to the all-to-all is exactly the permuted selection: k_l rows per token. With
+an EMoE candidate pool the router selects k_l experts, so traffic is sized to k_train and never to
+k_ideal. ``last_dispatch_bytes`` records what this rank sent in the last dispatch, for tests and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import get_capacity
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+
+class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_topk: Optional[int] = self.config.moe_router_topk
+        self.last_dispatch_bytes: int = 0
+        self.last_dispatch_rows: int = 0
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        tokens_per_local_expert = super().preprocess(routing_map)
+        k = self.step_topk
+        num_tokens = routing_map.size(0)
+        if self.drop_and_pad:
+            if k is None:
+                k = max(1, round(float(routing_map.sum()) / max(1, num_tokens)))
+            self.capacity = get_capacity(
+                num_tokens=num_tokens * k,
+                num_experts=self.num_experts,
+                capacity_factor=self.moe_expert_capacity_factor,
+            )
+            self.num_out_tokens = self.capacity * self.num_experts
+            tokens_per_local_expert = torch.full(
+                (self.num_local_experts,),
+                self.capacity * self.tp_size * self.ep_size,
+                dtype=torch.long,
+            )
+            self.num_global_tokens_per_local_expert = torch.full(
+                (self.num_experts * self.tp_size,),
+                self.capacity,
+                dtype=torch.long,
+                device=self.permute_idx_device,
+            )
+        elif self.config.moe_expert_capacity_factor is None and not self.config.moe_router_padding_for_quantization:
+            if k is None:
+                # Per-token k: the slot count is data dependent, read it like the capacity path.
+                self.num_out_tokens = routing_map.sum()
+                self._maybe_update_cuda_sync_point("before_permutation_1")
+            else:
+                self.num_out_tokens = num_tokens * k
+        return tokens_per_local_expert
+
+    def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+        self.last_dispatch_rows = int(permutated_local_input_tokens.size(0))
+        self.last_dispatch_bytes = (
+            permutated_local_input_tokens.numel() * permutated_local_input_tokens.element_size()
+        )
+        return super().token_dispatch(permutated_local_input_tokens, permuted_probs)

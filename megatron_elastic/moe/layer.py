@@ -1,0 +1,77 @@
+"""MoE layer that wires the elastic router to the elastic dispatcher.
+
+``ElasticMoELayer`` is Megatron-core's ``MoELayer`` (selected through the layer spec) with one
+change of parts: the all-to-all dispatcher becomes ``ElasticAlltoAllTokenDispatcher``, and after
+routing the layer tells it which k the router used so buffers are sized to k_l.
+``attach_elastic`` configures every router of a built model from the run config.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_elastic.config import Config
+from megatron_elastic.moe.context import StepContext
+from megatron_elastic.moe.dispatcher import ElasticAlltoAllTokenDispatcher
+from megatron_elastic.moe.router import ElasticRouter, elastic_routers
+from megatron_elastic.moe.schedules import KSampler
+
+
+class ElasticMoELayer(MoELayer):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        super().__init__(
+            config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection
+        )
+        if config.moe_token_dispatcher_type == "alltoall":
+            self.token_dispatcher = ElasticAlltoAllTokenDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection if pg_collection is not None else self._pg_collection(),
+            )
+
+    def _pg_collection(self):
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        return get_default_pg_collection()
+
+    def route(self, hidden_states: torch.Tensor, padding_mask=None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        if isinstance(self.router, ElasticRouter) and hasattr(self.token_dispatcher, "step_topk"):
+            self.token_dispatcher.step_topk = self.router.last_k
+        return probs, routing_map
+
+
+def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
+    """Give every elastic router its k sampler, pool, losses and the shared step context."""
+    e = cfg.elastic
+    context = StepContext()
+    k_min, k_max = cfg.elastic_k_min, cfg.elastic_k_max
+    default_eval_k = cfg.model.moe_router_topk if e.schedule == "fixed" else k_max
+    sampler = KSampler(
+        schedule=e.schedule,
+        k_min=k_min,
+        k_max=k_max,
+        distribution=e.distribution,
+        tau=e.tau,
+        top_p=e.top_p,
+        seed=cfg.elastic_seed,
+        fixed_k=cfg.model.moe_router_topk if e.schedule == "fixed" else None,
+    )
+    for router in elastic_routers(model):
+        router.configure(
+            sampler=sampler,
+            context=context,
+            pool_ratio=e.pool_ratio,
+            router_loss_coeff=e.router_loss_coeff,
+            seed=cfg.elastic_seed,
+            top_p=e.top_p,
+            default_eval_k=default_eval_k,
+        )
+    model.elastic_context = context
+    if e.eval_k is not None:
+        from megatron_elastic.moe.control import set_inference_k
+
+        set_inference_k(model, e.eval_k)
+    return context
