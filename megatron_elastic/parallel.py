@@ -21,6 +21,10 @@ from megatron_elastic import compat
 from megatron_elastic.config import Config
 
 
+class RendezvousError(RuntimeError):
+    """The process group cannot form: unreachable master, missing rendezvous variables."""
+
+
 @dataclass
 class DistEnv:
     rank: int
@@ -39,7 +43,7 @@ def read_dist_env() -> DistEnv:
     port = env.get("MASTER_PORT")
     if port is None:
         if int(world) > 1:
-            raise RuntimeError(
+            raise RendezvousError(
                 "MASTER_PORT is not set for a multi-process run: launch with torchrun or "
                 "launchers/slurm/pretrain.sbatch, or export MASTER_ADDR and MASTER_PORT"
             )
@@ -63,7 +67,7 @@ def check_master_reachable(addr: str, port: int, timeout_s: float, rank: int) ->
         try:
             socket.getaddrinfo(addr, port)
         except socket.gaierror as exc:
-            raise RuntimeError(f"MASTER_ADDR={addr} does not resolve: {exc}") from exc
+            raise RendezvousError(f"MASTER_ADDR={addr} does not resolve: {exc}") from exc
         return
     import time
 
@@ -76,7 +80,7 @@ def check_master_reachable(addr: str, port: int, timeout_s: float, rank: int) ->
         except OSError as exc:
             last_error = exc
             time.sleep(0.5)
-    raise RuntimeError(
+    raise RendezvousError(
         f"rank {rank}: cannot reach MASTER_ADDR={addr}:{port} within {timeout_s:.0f}s "
         f"({last_error}); check that rank 0 started and that the address/port are reachable "
         "from this node (firewall, wrong interface, MASTER_ADDR from scontrol show hostnames)"
@@ -112,7 +116,7 @@ def initialize(cfg: Config, master_timeout_s: float | None = None) -> DistEnv:
             context_parallel_size=p.context_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-            create_gloo_process_groups=backend == "nccl",
+            create_gloo_process_groups=True,
         )
     return env
 

@@ -1,0 +1,113 @@
+"""Training data: Megatron indexed datasets through megatron-core's blended dataset builder.
+
+``data.data_path`` uses Megatron-LM's blend syntax (``[prefix]`` or ``[w1, p1, w2, p2, ...]``) and
+``data.split`` its train/valid/test split string, so data prepared for Megatron-LM works as is.
+
+Batches are addressed, not streamed: the samples of (iteration i, micro-batch m) on data-parallel
+rank r are ``i*G + m*(b*D) + r*b + [0, b)`` (G global batch, b micro-batch, D data-parallel
+size), Megatron's pretraining-sampler order. The data position in a checkpoint is therefore just
+the iteration, and a resumed run reads exactly the samples the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_elastic.config import Config, ConfigError
+
+
+def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron blend list -> (prefixes, weights). Accepts [p], [p1, p2] or [w1, p1, w2, p2]."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise ConfigError("data.data_path is empty: give one or more dataset prefixes (.bin/.idx)")
+    def is_number(x: str) -> bool:
+        try:
+            float(x)
+            return True
+        except ValueError:
+            return False
+    if len(items) % 2 == 0 and all(is_number(items[i]) for i in range(0, len(items), 2)):
+        weights = [float(items[i]) for i in range(0, len(items), 2)]
+        prefixes = [items[i] for i in range(1, len(items), 2)]
+    else:
+        weights, prefixes = None, items
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise ConfigError(
+                    f"data.data_path: {prefix}{ext} not found on this node; the prefix must name an "
+                    "indexed dataset written by tools/preprocess_data.py (without the extension)"
+                )
+    return prefixes, weights
+
+
+def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
+    """Build (train, valid, test) GPTDatasets sized for the whole run."""
+    t = cfg.train
+    prefixes, weights = parse_blend(cfg.data.data_path)
+    num_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
+    sizes = [
+        t.train_iters * t.global_batch_size,
+        max(1, num_evals * t.eval_iters * t.global_batch_size),
+        max(1, t.eval_iters * t.global_batch_size),
+    ]
+    ds_config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=(prefixes, weights),
+        split=cfg.data.split,
+        path_to_cache=cfg.data.cache_path,
+        mmap_bin_files=cfg.data.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    datasets = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: True, ds_config
+    ).build()
+    return datasets
+
+
+class BatchReader:
+    """Reads this rank's micro-batches by (iteration, micro-batch) address."""
+
+    def __init__(self, dataset, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int):
+        if dataset is None:
+            raise ConfigError(
+                "a dataset split is empty: data.split gives it no documents; adjust data.split "
+                "(e.g. 949,50,1) or add data"
+            )
+        self.dataset = dataset
+        self.mbs = micro_batch_size
+        self.gbs = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+
+    def sample_offset(self, microbatch: int) -> int:
+        """Index within the global batch of this rank's first sample in ``microbatch``."""
+        return microbatch * self.mbs * self.dp_size + self.dp_rank * self.mbs
+
+    def get(self, iteration: int, microbatch: int) -> Dict[str, torch.Tensor]:
+        start = iteration * self.gbs + self.sample_offset(microbatch)
+        n = len(self.dataset)
+        samples = [self.dataset[(start + j) % n] for j in range(self.mbs)]
+        batch = {}
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            batch[key] = torch.stack([_as_tensor(s[key]) for s in samples])
+        return batch
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.asarray(x))
