@@ -35,9 +35,11 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         tokens_per_local_expert = super().preprocess(routing_map)
         k = self.step_topk
         num_tokens = routing_map.size(0)
-        if self.drop_and_pad:
-            if k is None:
-                k = max(1, round(float(routing_map.sum()) / max(1, num_tokens)))
+        if self.drop_and_pad and k is None:
+            # Per-token k padded to capacity: the router padded its map to the capacity of the
+            # static bound moe_router_topk (identical on every EP rank); super() sized it so.
+            pass
+        elif self.drop_and_pad:
             self.capacity = get_capacity(
                 num_tokens=num_tokens * k,
                 num_experts=self.num_experts,

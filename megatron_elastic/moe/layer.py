@@ -48,7 +48,9 @@ def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
     e = cfg.elastic
     context = StepContext()
     k_min, k_max = cfg.elastic_k_min, cfg.elastic_k_max
-    default_eval_k = cfg.model.moe_router_topk if e.schedule == "fixed" else k_max
+    # "fixed" trains the one k of [k_min, k_max] (validation requires k_min == k_max; both
+    # default to model.moe_router_topk); evaluation defaults to it, or to k_max when k varies.
+    default_eval_k = k_max
     sampler = KSampler(
         schedule=e.schedule,
         k_min=k_min,
@@ -57,7 +59,7 @@ def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
         tau=e.tau,
         top_p=e.top_p,
         seed=cfg.elastic_seed,
-        fixed_k=cfg.model.moe_router_topk if e.schedule == "fixed" else None,
+        fixed_k=k_max if e.schedule == "fixed" else None,
     )
     for router in elastic_routers(model):
         router.configure(

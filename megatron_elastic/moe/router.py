@@ -39,6 +39,7 @@ from megatron.core.transformer.moe.moe_utils import (
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_elastic.moe import routing_math
 from megatron_elastic.moe.context import StepContext
@@ -145,10 +146,21 @@ class ElasticRouter(TopKRouter):
         return torch.sigmoid(logits.float())
 
     def _token_ids(self, seq_length: int, bsz: int, device) -> torch.Tensor:
-        """Global token ids for [s, b] flattened tokens: (sample_offset + b) * s_len + s."""
-        s = torch.arange(seq_length, device=device).unsqueeze(1)
+        """Global token ids for [s, b] flattened tokens: (sample_offset + b) * s_len + s.
+
+        Under sequence parallelism (required with TP > 1) this rank routes the tp_rank-th
+        contiguous chunk of the sequence: s is shifted by tp_rank * seq_length and s_len is the
+        full length, so ids (and pool draws) match a TP = 1 run and never collide across TP ranks.
+        """
+        s_offset, full_length = 0, seq_length
+        if self.config.sequence_parallel:
+            tp_size = get_pg_size(self.tp_group)
+            if tp_size > 1:
+                s_offset = get_pg_rank(self.tp_group) * seq_length
+                full_length = seq_length * tp_size
+        s = torch.arange(seq_length, device=device).unsqueeze(1) + s_offset
         b = torch.arange(bsz, device=device).unsqueeze(0) + self.context.sample_offset
-        return (b * seq_length + s).reshape(-1)
+        return (b * full_length + s).reshape(-1)
 
     # ------------------------------------------------------------------ routing
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -205,10 +217,18 @@ class ElasticRouter(TopKRouter):
             selected = selected * self.config.moe_router_topk_scaling_factor
         probs = selected.type_as(logits)
         if self.config.moe_expert_capacity_factor is not None:
+            if k is None and self.config.moe_pad_expert_input_to_capacity:
+                # Per-token k padded to capacity: the padded buffers must have the same shape on
+                # every expert-parallel rank (equal-split all-to-all), and the mean k is
+                # rank-local. Size from the static bound, as Megatron does (the dispatcher
+                # keeps Megatron's capacity for this case).
+                capacity_k = self.config.moe_router_topk
+            else:
+                capacity_k = k if k is not None else max(1, round(self.topk))
             probs, routing_map = apply_router_token_dropping(
                 probs,
                 routing_map,
-                router_topk=max(1, round(self.topk)),
+                router_topk=capacity_k,
                 capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
