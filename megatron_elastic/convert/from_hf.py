@@ -77,11 +77,6 @@ def _rope_theta(c, source: str) -> float:
             "(plain RoPE only)"
         )
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    if float(theta) != int(theta):
-        raise ConversionError(
-            f"{source}: rope_theta={theta} is not an integer; models/gpt.py passes rotary_base to "
-            "Megatron as an int, which would change the model"
-        )
     return float(theta)
 
 

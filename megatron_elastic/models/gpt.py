@@ -154,7 +154,7 @@ def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> 
         parallel_output=True,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
-        rotary_base=int(cfg.model.rotary_base),
+        rotary_base=cfg.model.rotary_base,
     )
     from megatron_elastic.moe.layer import attach_elastic
 
@@ -210,8 +210,17 @@ def init_weights(model: GPTModel, cfg: Config) -> None:
             s = scaled_std if ("linear_proj" in name or "linear_fc2" in name) else std
             full = torch.randn(full_shape, generator=g, dtype=torch.float32) * s
             if sharded:
-                full = full.chunk(size, dim=dim)[rank]
+                if "linear_fc1" in name and cfg_gated(model):
+                    # A gated fc1 shard is [gate_r; up_r], not a row block of [gate; up].
+                    gate, up = full.chunk(2, dim=0)
+                    full = torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
+                else:
+                    full = full.chunk(size, dim=dim)[rank]
             param.copy_(full.to(param.dtype))
+
+
+def cfg_gated(model) -> bool:
+    return bool(getattr(model.config, "gated_linear_unit", False))
 
 
 def expert_global_names(model: torch.nn.Module) -> dict:
