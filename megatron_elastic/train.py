@@ -168,7 +168,11 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_elastic.moe.router import elastic_routers
-    from megatron_elastic.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_elastic.training.checkpoint import (
+        load_checkpoint,
+        protect_checkpoint_writer,
+        save_checkpoint,
+    )
     from megatron_elastic.training.data import BatchReader, build_datasets
     from megatron_elastic.training.metrics import Logger, collect_moe_metrics
     from megatron_elastic.training.optim import lr_at
@@ -196,6 +200,8 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     num_mb = train.num_microbatches
     # Megatron scales aux-loss gradients like the main loss (which we divide by num_mb).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))
+    if ck.save:
+        protect_checkpoint_writer()  # before any signal can arrive: see its docstring
     signals = SignalFlag(t.exit_signal_handler)
     result = TrainResult(iteration=start)
     tokens_per_iter = t.global_batch_size * cfg.model.seq_length

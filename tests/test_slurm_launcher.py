@@ -5,14 +5,16 @@ Debian's packages (installed on demand; needs root). Outside CI the tests are
 skipped when that is impossible; with CI=true that is a failure.
 
 The training entry point is the stand-in tests/slurm/fake_train.py (a real
-2-process gloo rendezvous, SIGUSR1/SIGTERM -> checkpoint + exit 75). To run the
-same tests against the real entry point, point `ENTRYPOINT`/config at it.
+2-process gloo rendezvous, SIGUSR1/SIGTERM -> checkpoint + exit 75), which
+starts in a second and lets these tests probe the launcher's protocol (signal
+routes, time-limit warning, scancel, failure report) quickly. The same launcher
+with the real entry point (python -m megatron_elastic.train) is tested in
+tests/test_launchers.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,26 +32,7 @@ SBATCH_2x1 = [f"--nodes={NODES}", "--ntasks-per-node=1", "--cpus-per-task=1", "-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = su.why_cluster_unavailable()
-    if reason:
-        if su.in_ci():
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    d = os.environ.get("SLURM_TEST_DIR") or str(tmp_path_factory.mktemp("slurm-cluster"))
-    # A cluster already running in $SLURM_TEST_DIR is reused and left running.
-    preexisting = su.SlurmCluster.at(d).is_running()
-    t0 = time.monotonic()
-    try:
-        c = su.SlurmCluster.up(d, nodes=NODES, cpus=2)
-    except (su.SlurmError, OSError) as e:
-        # Root + apt available and it still fails: a real problem, never skip.
-        pytest.fail(f"could not bring up the test Slurm cluster in {d}:\n{e}")
-    print(f"slurm test cluster up in {time.monotonic() - t0:.1f}s at {d}")
-    try:
-        yield c
-    finally:
-        if not preexisting:
-            c.down()
+    yield from su.cluster_for_tests(tmp_path_factory, nodes=NODES, cpus=2)
 
 
 def launch_env(run_dir: Path, **extra) -> dict[str, str]:

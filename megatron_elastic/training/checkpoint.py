@@ -121,8 +121,52 @@ def _state_dict(model, optimizer, cfg: Config, iteration: int, with_rng: bool, f
     return state
 
 
+_writer_manager = None
+# Runs in the manager process (exec'd: a stdlib-only initializer needs no import of this module
+# there): ignore the stop signals (a process-wide disposition; a signal mask would be per thread,
+# and the process has threads by then), and exit if the trainer dies without shutting it down
+# (SIGKILL, OOM), since a process that ignores SIGTERM would otherwise linger.
+_WRITER_MANAGER_INIT = """
+import os, signal, threading, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+def _exit_with_parent(parent=os.getppid()):
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(0)
+threading.Thread(target=_exit_with_parent, daemon=True).start()
+"""
+
+
+def protect_checkpoint_writer() -> None:
+    """Start dist_checkpointing's writer-results manager now, deaf to SIGTERM/SIGUSR1.
+
+    Megatron's filesystem writer collects write results through a ``multiprocessing`` Manager: a
+    spawned server process, created at the first save and kept. Launchers signal whole process
+    groups (torchrun's killpg, Slurm signals every process of a step), and with the default
+    disposition that server dies of the very SIGTERM/SIGUSR1 that asks for a preemption
+    checkpoint, so the save fails (EOFError/BrokenPipeError). This server ignores both signals; it
+    still stops when the trainer exits (the manager's shutdown message) or dies. Idempotent.
+    """
+    global _writer_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if not hasattr(fsa, "_get_write_results_queue") or getattr(fsa, "_results_queue", None) is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=exec, initargs=(_WRITER_MANAGER_INIT, {}))
+    fsa._results_queue = manager.Queue()
+    _writer_manager = manager
+
+
 def save_checkpoint(root, model, optimizer, cfg: Config, iteration: int) -> Path:
     """Save collectively (every rank calls it); returns the final directory."""
+    protect_checkpoint_writer()
     root = Path(root)
     final = iter_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")

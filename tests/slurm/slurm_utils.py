@@ -290,3 +290,34 @@ class SlurmCluster:
                 parts.append(f"--- rank {r} log ---\n" + tail(text, 30))
         parts.append("--- squeue ---\n" + self.run("squeue", check=False).stdout)
         return "\n".join(parts)
+
+
+def cluster_for_tests(tmp_path_factory, *, nodes: int = 2, cpus: int = 2):
+    """Body of a pytest fixture: `yield from cluster_for_tests(tmp_path_factory)`.
+
+    Brings up the single-host test cluster (installing Slurm if needed) in a fresh temporary
+    directory, or reuses one already running in $SLURM_TEST_DIR (left running). Skips where
+    that is impossible (not root, no Slurm and no apt-get) -- except with CI=true, where it
+    fails: CI must run the Slurm tests.
+    """
+    import pytest
+
+    reason = why_cluster_unavailable()
+    if reason:
+        if in_ci():
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    d = os.environ.get("SLURM_TEST_DIR") or str(tmp_path_factory.mktemp("slurm-cluster"))
+    preexisting = SlurmCluster.at(d).is_running()
+    t0 = time.monotonic()
+    try:
+        c = SlurmCluster.up(d, nodes=nodes, cpus=cpus)
+    except (SlurmError, OSError, subprocess.TimeoutExpired) as e:
+        # Root + apt available and it still fails: a real problem, never skip.
+        pytest.fail(f"could not bring up the test Slurm cluster in {d}:\n{e}")
+    print(f"slurm test cluster up in {time.monotonic() - t0:.1f}s at {d}")
+    try:
+        yield c
+    finally:
+        if not preexisting:
+            c.down()
