@@ -155,6 +155,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     (only_partial / "iter_0000002.partial").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_load_dir(only_partial)
+    # Pointing at an iteration directory directly: only a finished save (with .metadata) loads.
+    with pytest.raises(CheckpointError, match="incomplete save"):
+        resolve_load_dir(root / "iter_0000003")
+    with pytest.raises(CheckpointError, match="interrupted save"):
+        resolve_load_dir(root / "iter_0000006.partial")
+    (root / "iter_0000003" / ".metadata").write_text("")
+    assert resolve_load_dir(root / "iter_0000003") == root / "iter_0000003"
     (root / "latest_checkpointed_iteration.txt").write_text("9\n")
     with pytest.raises(CheckpointError, match="iteration 9 but .* is missing"):
         read_tracker(root)

@@ -199,7 +199,16 @@ def save_checkpoint(root, model, optimizer, cfg: Config, iteration: int) -> Path
 def resolve_load_dir(path) -> Optional[Path]:
     """``path`` may be a run's checkpoint root (uses the tracker) or one ``iter_N`` directory."""
     path = Path(path)
-    if (path / "metadata.json").is_file() or (path / ".metadata").is_file():
+    if path.name.endswith(".partial"):
+        raise CheckpointError(f"{path} is an interrupted save; load its parent directory instead")
+    if (path / "metadata.json").is_file():
+        # Megatron writes metadata.json and common.pt first and the tensor index (.metadata) last:
+        # only the latter proves the save finished.
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{path} is an incomplete save (no .metadata): it was interrupted while writing; "
+                "load the run's checkpoint root to use the last complete iteration"
+            )
         return path
     if not path.exists():
         return None
@@ -241,6 +250,22 @@ def check_compatible(ckpt_dir: Path, model) -> None:
             )
 
 
+def _warn_config_drift(saved: dict, cfg: Config, ckpt_dir: Path, finetune: bool) -> None:
+    """A resume with a changed schedule or batch silently changes the run; say so, on rank 0."""
+    if finetune or _rank() != 0:
+        return
+    now = cfg.to_dict()
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        for section in ("train", "elastic", "model")
+        for key, value in now.get(section, {}).items()
+        if section in saved and key in saved[section] and saved[section][key] != value
+    ]
+    if changed:
+        print(f"warning: resuming from {ckpt_dir} with a different config: " + "; ".join(changed),
+              flush=True)
+
+
 def load_checkpoint(path, model, optimizer, cfg: Config, finetune: bool = False) -> int:
     """Load into ``model`` (and ``optimizer``); return the iteration to continue from.
 
@@ -252,6 +277,7 @@ def load_checkpoint(path, model, optimizer, cfg: Config, finetune: bool = False)
     check_compatible(ckpt_dir, model)
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     iteration = int(common.get("iteration", 0))
+    _warn_config_drift(common.get("config") or {}, cfg, ckpt_dir, finetune)
     same_world = common.get("world_size") == _world()
     load_optimizer = optimizer is not None and not finetune
     template = _state_dict(
