@@ -27,8 +27,89 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class HostCopy:
+    """CPU twin of a non-blocking device-to-host copy of split sizes.
+
+    On GPU, Megatron's dispatcher copies its all-to-all split sizes to the host with
+    ``non_blocking=True`` at its ``cuda_dtoh_point`` and only waits for the copy
+    (``d2h_event.synchronize()``) at its ``cuda_sync_point``; reading the numpy array in between
+    reads whatever the buffer held. On CPU the copy is instant, which would hide such a read, so
+    this object refuses every read until the event recorded after it is synchronized, and then
+    behaves like the numpy array the GPU run has.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self._array = tensor.detach().cpu().numpy().copy()
+        self._ready = False
+
+    def _value(self):
+        if not self._ready:
+            raise RuntimeError(
+                "read of dispatcher split sizes before Megatron's cuda_sync_point: on GPU this "
+                "host copy is still in flight (non-blocking device-to-host), so the value would "
+                "be stale; read it only after _maybe_dtoh_and_synchronize reached the sync point"
+            )
+        return self._array
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    def tolist(self):
+        return self._value().tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        value = self._value()
+        return value if dtype is None else value.astype(dtype)
+
+    def __iter__(self):
+        return iter(self._value())
+
+    def __len__(self):
+        return len(self._value())
+
+    def __getitem__(self, index):
+        return self._value()[index]
+
+    def sum(self, *args, **kwargs):
+        return self._value().sum(*args, **kwargs)
+
+
+# Copies started since the last event was recorded: the next event completes them.
+_PENDING_COPIES: list = []
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU twin of ``moe_utils.maybe_move_tensor_to_cpu`` for the dispatcher's split sizes."""
+    if as_numpy and torch.is_tensor(tensor):
+        copy = HostCopy(tensor)
+        _PENDING_COPIES.append(copy)
+        return copy
+    return tensor
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``; completes the host copies started before it."""
+
+    def __init__(self, *args, **kwargs):
+        self._copies = list(_PENDING_COPIES)
+        _PENDING_COPIES.clear()
+
+    def synchronize(self) -> None:
+        for copy in self._copies:
+            copy.mark_ready()
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
-    """Stands in for ``torch.cuda.Stream`` on CPU: every operation is already synchronous."""
+    """Stands in for ``torch.cuda.Stream`` on CPU: kernels are synchronous, copies are not."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -49,25 +130,16 @@ class _NullStream:
         return 0
 
 
-class _NullEvent:
-    def synchronize(self) -> None:
-        pass
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
-
-
 _NULL_STREAM = _NullStream()
 
 
 class CpuRNGStatesTracker:
-    """CPU twin of Megatron-core's ``CudaRNGStatesTracker``.
+    """CPU twin of Megatron-core's ``CudaRNGStatesTracker``, with its contract.
 
-    Keeps named CPU generator states so that ``fork(name)`` runs a region under that state and
-    restores the default one afterwards, the contract model-parallel dropout relies on.
+    Named CPU generator states; ``fork(name)`` runs a region under that state and restores the
+    default afterwards. As in Megatron, forking a state that was never added (the tracker was
+    not seeded through ``model_parallel_cuda_manual_seed``) raises, and so does adding a seed or
+    a name twice.
     """
 
     def __init__(self, *args, **kwargs):
@@ -89,18 +161,18 @@ class CpuRNGStatesTracker:
         self.states_ = dict(states)
 
     def add(self, name, seed):
-        if seed in self.seeds_:
-            raise RuntimeError(f"seed {seed} already exists")
-        if name in self.states_:
-            raise RuntimeError(f"rng state {name} already exists")
         self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception("seed {} already exists".format(seed))
         self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception("cuda rng state {} already exists".format(name))
         self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
     @contextlib.contextmanager
     def fork(self, name="model-parallel-rng"):
         if name not in self.states_:
-            raise RuntimeError(f"rng state {name} is not added")
+            raise Exception("cuda rng state {} is not added".format(name))
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:
@@ -144,28 +216,32 @@ def enable() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *a, **k: None
 
-    # model_parallel_cuda_manual_seed would call torch.cuda.manual_seed; on CPU the seeds go
-    # into the CPU tracker with the same offsets Megatron uses.
-    def _cpu_model_parallel_seed(seed, *args, **kwargs):
+    # model_parallel_cuda_manual_seed would seed the CUDA generator; on CPU the same seeds,
+    # with Megatron's offsets, go into the CPU tracker.
+    def _cpu_model_parallel_seed(seed, te_rng_tracker=False, inference_rng_tracker=False,
+                                 use_cudagraphable_rng=False, tp_rank=None, ep_rank=None,
+                                 etp_rank=None, force_reset_rng=False):
         from megatron.core import parallel_state as ps
 
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        ep_rank = ps.get_expert_model_parallel_rank()
-        etp_rank = ps.get_expert_tensor_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+        ep_rank = ps.get_expert_model_parallel_rank() if ep_rank is None else ep_rank
+        etp_rank = ps.get_expert_tensor_parallel_rank() if etp_rank is None else etp_rank
         tracker.reset()
-        torch.manual_seed(seed)
-        offset = seed + 2718
-        tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, offset + tp_rank)
         tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+        tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
         tracker.add(
-            mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME,
-            offset + 100 + 1024 * ep_rank + etp_rank,
+            mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
         )
 
     mcore_random.model_parallel_cuda_manual_seed = _cpu_model_parallel_seed
     import megatron.core.tensor_parallel as tp_pkg
 
     tp_pkg.model_parallel_cuda_manual_seed = _cpu_model_parallel_seed
+
+    # The dispatcher's non-blocking host copies of its split sizes: see HostCopy.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
 
 
 def is_enabled() -> bool:

@@ -70,7 +70,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int = 1
+    # Default: tensor_model_parallel_size, as in Megatron-LM.
+    expert_tensor_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_backend: Optional[str] = None  # default: nccl with CUDA, gloo without
@@ -231,6 +232,8 @@ class Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Config":
         m, p, t, e = self.model, self.parallel, self.train, self.elastic
+        if p.expert_tensor_parallel_size is None:
+            p.expert_tensor_parallel_size = p.tensor_model_parallel_size
         _positive(self, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
                          "model.num_query_groups", "model.seq_length", "model.num_moe_experts",
                          "model.moe_ffn_hidden_size", "model.moe_router_topk",
@@ -277,6 +280,16 @@ class Config:
                 "parallel.tensor_model_parallel_size > 1 with MoE layers requires "
                 "parallel.sequence_parallel=true (Megatron-core refuses MoE training under TP "
                 "without it)"
+            )
+        if p.expert_tensor_parallel_size < tp and p.expert_model_parallel_size == 1:
+            # Megatron marks expert weights for the expert-data-parallel reduction only when
+            # EP > 1; with EP = 1 they are reduced over the data-parallel group alone, so the
+            # partial gradients that each tensor-parallel rank's sequence slice produces would
+            # never be summed over TP and the replicas would drift apart.
+            raise ConfigError(
+                f"parallel.expert_tensor_parallel_size={p.expert_tensor_parallel_size} < "
+                f"parallel.tensor_model_parallel_size={tp} needs parallel.expert_model_parallel_size"
+                f" > 1: set expert_tensor_parallel_size={tp} (the default) or use expert parallelism"
             )
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(

@@ -13,12 +13,12 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_elastic import compat
 from megatron_elastic.config import Config
+from megatron_elastic.device import policy, seed_all
 
 
 class RendezvousError(RuntimeError):
@@ -92,9 +92,8 @@ def initialize(cfg: Config, master_timeout_s: float | None = None) -> DistEnv:
     compat.enable()
     env = read_dist_env()
     cfg.validate_world(env.world_size)
-    backend = cfg.parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    backend = cfg.parallel.distributed_backend or policy().backend
+    policy().set_local_device(env.local_rank)
     if not dist.is_initialized():
         if env.world_size > 1:
             timeout = master_timeout_s
@@ -118,6 +117,9 @@ def initialize(cfg: Config, master_timeout_s: float | None = None) -> DistEnv:
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
             create_gloo_process_groups=True,
         )
+    # Megatron-LM's _set_random_seed: the RNG tracker's states must exist before any weight is
+    # initialised (initialisation forks them), on GPU and, through compat, on CPU.
+    seed_all(cfg.train.seed)
     return env
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_elastic.config import Config, ConfigError, load_config
+from megatron_elastic.device import policy
 
 # EX_TEMPFAIL: "try again later". The sbatch launcher requeues the job when it sees this code.
 REQUEUE_EXIT_CODE = 75
@@ -104,12 +104,6 @@ def loss_from_batch(model, batch) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _to_device(batch: dict) -> dict:
-    if torch.cuda.is_available():
-        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return batch
-
-
 def evaluate(model, reader, cfg: Config, context, iteration_base: int = 0) -> float:
     """Mean loss over ``eval_iters`` global batches of ``reader`` (averaged over ranks)."""
     model.eval()
@@ -118,7 +112,7 @@ def evaluate(model, reader, cfg: Config, context, iteration_base: int = 0) -> fl
         for it in range(cfg.train.eval_iters):
             for mb in range(reader.num_microbatches):
                 context.set(iteration_base + it, mb, reader.sample_offset(mb))
-                batch = _to_device(reader.get(iteration_base + it, mb))
+                batch = policy().to_device(reader.get(iteration_base + it, mb))
                 total[0] += float(loss_from_batch(model, batch))
                 total[1] += 1
     if dist.is_initialized():
@@ -144,7 +138,6 @@ def build(cfg: Config):
 
     env = parallel.initialize(cfg)
     check_environment(cfg)
-    torch.manual_seed(cfg.train.seed)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size)
     ddp = DistributedDataParallel(
@@ -216,7 +209,7 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
             loss_sum = torch.zeros(1, dtype=torch.float64)
             for mb in range(num_mb):
                 context.set(iteration, mb, train.sample_offset(mb))
-                batch = _to_device(train.get(iteration, mb))
+                batch = policy().to_device(train.get(iteration, mb))
                 sync = contextlib.nullcontext() if mb == num_mb - 1 else ddp.no_sync()
                 with sync:
                     loss = loss_from_batch(ddp, batch)

@@ -475,10 +475,11 @@ def convert_hf_to_megatron(
         build_cfg.parallel.expert_model_parallel_size = 1
         build_cfg.parallel.sequence_parallel = False
         with single_process_parallel():
+            from megatron_elastic.device import seed_all
             from megatron_elastic.models.gpt import build_model
             from megatron_elastic.training.checkpoint import save_checkpoint
 
-            torch.manual_seed(cfg.train.seed)
+            seed_all(cfg.train.seed)
             model = build_model(build_cfg, shape.vocab_size)
             params = {mapping.canonical_param_name(n): p for n, p in model.named_parameters()}
             expected = mapping.megatron_param_shapes(shape)

@@ -41,6 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_elastic.device import policy
+
 JSON_NAME = "elastic_eval.json"
 PNG_NAME = "elastic_eval.png"
 TXT_NAME = "elastic_eval.txt"
@@ -216,7 +218,6 @@ def _eval_pass(model, reader, eval_iters: int, train_routing: bool = False) -> _
     EMoE pools exactly as training would for those (iteration, micro-batch) coordinates.
     """
     from megatron_elastic.moe.router import elastic_routers
-    from megatron_elastic.train import _to_device
 
     routers = sorted(elastic_routers(model), key=lambda r: r.layer_number or 0)
     num_experts = routers[0].num_experts
@@ -232,7 +233,7 @@ def _eval_pass(model, reader, eval_iters: int, train_routing: bool = False) -> _
             for it in range(eval_iters):
                 for mb in range(reader.num_microbatches):
                     context.set(it, mb, reader.sample_offset(mb))
-                    batch = _to_device(reader.get(it, mb))
+                    batch = policy().to_device(reader.get(it, mb))
                     per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
                     tally.add_loss(per_token, batch["loss_mask"])
                     for layer, router in enumerate(routers):

@@ -27,17 +27,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_elastic.config import Config
+from megatron_elastic.device import policy
 from megatron_elastic.models.attention import SDPAttention
-
-
-def te_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from megatron_elastic.models.norm import SequenceParallelTorchNorm
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -46,7 +38,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
 
 
 def use_bf16(cfg: Config) -> bool:
-    return cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
+    return cfg.train.bf16 if cfg.train.bf16 is not None else policy().default_bf16
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -98,9 +90,10 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # CPU init builds every weight from the global RNG then slices it, so weights do not
-        # depend on CUDA RNG trackers; init_weights() below then makes them layout-independent.
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # The GPU's initialisation path on every device: weights are allocated on the device
+        # and initialised inside the RNG tracker's fork (seeded by device.seed_all); on CPU
+        # compat supplies the tracker. init_weights() then makes them layout-independent.
+        use_cpu_initialization=False,
         gradient_accumulation_fusion=False,
     )
 
@@ -115,7 +108,7 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None) -> ModuleSpec:
     from megatron_elastic.moe.router import ElasticRouter
 
     m = cfg.model
-    use_te = te_available() if use_te is None else use_te
+    use_te = policy().use_te_spec if use_te is None else use_te
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=m.num_moe_experts,
@@ -131,11 +124,26 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None) -> ModuleSpec:
         )
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        _use_sequence_parallel_norm(spec)
     spec = copy.deepcopy(spec)
     moe = spec.submodules.mlp
     moe.module = ElasticMoELayer
     moe.submodules.router = ElasticRouter
     return spec
+
+
+def block_spec(cfg: Config, use_te: Optional[bool] = None):
+    """The layer spec for every layer plus the final norm: on the local spec Megatron would pick
+    its torch-norm wrapper for the final norm, which refuses sequence parallelism."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    use_te = policy().use_te_spec if use_te is None else use_te
+    spec = layer_spec(cfg, use_te)
+    if use_te:
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * cfg.model.num_layers, layer_norm=SequenceParallelTorchNorm
+    )
 
 
 def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> GPTModel:
@@ -146,7 +154,7 @@ def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> 
     )
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg, use_te),
+        transformer_layer_spec=block_spec(cfg, use_te),
         vocab_size=vocab,
         max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
         pre_process=True,
@@ -160,9 +168,21 @@ def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> 
 
     attach_elastic(model, cfg)
     init_weights(model, cfg)
-    if torch.cuda.is_available():
-        model.cuda()
-    return model
+    return policy().move_model(model)
+
+
+def _use_sequence_parallel_norm(spec: ModuleSpec) -> None:
+    """Swap Megatron's torch-norm wrapper (which refuses sequence parallelism) for ours."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    sub = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(sub, name) is WrappedTorchNorm:
+            setattr(sub, name, SequenceParallelTorchNorm)
+    attn = sub.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attn, name, None) is WrappedTorchNorm:
+            setattr(attn, name, SequenceParallelTorchNorm)
 
 
 # ---------------------------------------------------------------------- initialisation

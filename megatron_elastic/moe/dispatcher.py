@@ -66,16 +66,22 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 self.num_out_tokens = num_tokens * k
         return tokens_per_local_expert
 
+    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
+        tokens_per_expert = super()._maybe_dtoh_and_synchronize(point, tokens_per_expert)
+        if point == self.cuda_sync_point:
+            # Only now are the host copies of the split sizes valid (on GPU they are
+            # non-blocking copies Megatron waits for here). Megatron leaves them numpy arrays;
+            # gloo's all_to_all_single takes lists only, and lists work for NCCL too.
+            self._splits_as_lists()
+        return tokens_per_expert
+
     def _splits_as_lists(self) -> None:
-        """On GPU Megatron turns the split sizes into numpy arrays when it copies them to the host;
-        on CPU they stay tensors, which ``all_to_all_single`` rejects. Lists work for both."""
         for name in ("input_splits", "output_splits"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, list):
                 setattr(self, name, [int(v) for v in value.tolist()])
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
-        self._splits_as_lists()
         self.last_dispatch_rows = int(permutated_local_input_tokens.size(0))
         self.last_dispatch_bytes = (
             permutated_local_input_tokens.numel() * permutated_local_input_tokens.element_size()

@@ -35,7 +35,6 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
-    router_gating_linear,
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -100,17 +99,6 @@ class ElasticRouter(TopKRouter):
         self.eval_k, self.eval_top_p = k, top_p
 
     # ------------------------------------------------------------------ forward pieces
-    def gating(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.cuda.is_available():
-            return super().gating(input)
-        # Megatron moves the router weight to CUDA here; on CPU it stays where it is.
-        router_dtype = input.dtype
-        if self.config.moe_router_dtype == "fp32":
-            router_dtype = torch.float32
-        elif self.config.moe_router_dtype == "fp64":
-            router_dtype = torch.float64
-        return router_gating_linear(input, self.weight, self.bias, router_dtype)
-
     def _layer_index(self) -> int:
         return (self.layer_number or 1) - 1
 
@@ -251,7 +239,13 @@ class ElasticRouter(TopKRouter):
         coeff = self.router_loss_coeff
         if not coeff or not self.training or not torch.is_grad_enabled():
             return probs
-        loss = coeff * routing_math.hierarchical_router_loss(self._scores(logits))
+        # Under TP/CP each rank routes its own slice of the tokens and the router's gradients
+        # are summed over the tp x cp group, so each rank contributes its local mean divided by
+        # the group size (Megatron scales its z-loss the same way): the effective lambda is the
+        # configured one under any layout. The tracker sums the logged value over that group,
+        # which turns the per-rank shares back into the global mean.
+        group_size = self.tp_cp_group.size()
+        loss = (coeff / group_size) * routing_math.hierarchical_router_loss(self._scores(logits))
         return self.attach_and_log_load_balancing_loss(
             probs, coeff, loss, "hierarchical_router_loss", self.tp_cp_group
         )

@@ -17,18 +17,16 @@ position is the iteration (see training/data.py), so nothing else is needed for 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_elastic.config import Config, save_config
+from megatron_elastic.device import policy
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
@@ -84,22 +82,11 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
-    state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return policy().rng_state()
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    policy().set_rng_state(state)
 
 
 def _state_dict(model, optimizer, cfg: Config, iteration: int, with_rng: bool, for_load: bool):

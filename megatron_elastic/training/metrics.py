@@ -9,11 +9,9 @@ tracker across ranks the way Megatron's ``track_moe_metrics`` does, but with SUM
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_utils import (
@@ -35,8 +33,9 @@ def collect_moe_metrics(num_microbatches: int) -> Dict[str, List[float]]:
         if dist.is_initialized():
             group = tracker[name].get("reduce_group")
             if group is not None:
+                # Megatron's semantics (reduce_aux_losses_tracker_across_ranks): a value logged
+                # with a reduce group is each rank's share of a group-wide loss, so SUM it.
                 dist.all_reduce(values, group=group)
-                values /= dist.get_world_size(group)
             if dp_size > 1 and not tracker[name].get("reduce_group_has_dp", False):
                 dist.all_reduce(values, group=dp_group)
                 values /= dp_size

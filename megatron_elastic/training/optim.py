@@ -22,6 +22,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 
 from megatron_elastic.config import Config
+from megatron_elastic.device import policy
 
 
 def lr_at(cfg: Config, iteration: int) -> float:
@@ -216,11 +217,11 @@ class MegatronOptimizer:
 
 def use_distributed_optimizer(cfg: Config) -> bool:
     flag = cfg.train.use_distributed_optimizer
-    return torch.cuda.is_available() if flag is None else bool(flag)
+    return policy().default_distributed_optimizer if flag is None else bool(flag)
 
 
 def build_optimizer(cfg: Config, ddp_model):
-    if torch.cuda.is_available():
+    if policy().supports_megatron_optimizer:
         return MegatronOptimizer(cfg, ddp_model)
     if cfg.train.use_distributed_optimizer:
         raise ValueError(
