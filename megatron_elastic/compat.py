@@ -1,17 +1,30 @@
-"""CPU compatibility layer for Megatron-core.
+"""CPU twins of what Megatron-core 0.16.1 takes from CUDA, each keeping the contract it replaces.
 
-Megatron-core 0.16 assumes CUDA in a handful of places that a CPU run reaches:
+The CPU run makes the GPU run's Megatron-core calls in the GPU run's order (``device.py``); this
+module supplies, only when CUDA is absent, what those calls need from CUDA. Each twin must fail
+where the original would fail on a GPU, so that a CPU test catches a GPU bug. Every patch, with the
+upstream symbol it replaces (megatron-core 0.16.1, torch 2.13):
 
-* ``torch.cuda.current_device()`` is used as the device of freshly allocated buffers
-  (RoPE frequencies, router buffers, tensor-parallel gather outputs);
-* ``MoEAlltoAllTokenDispatcher`` creates a ``torch.cuda.Stream`` for its device-to-host copies
-  and records events on it;
-* the CUDA RNG tracker (``get_cuda_rng_tracker``) reads and writes CUDA generator states.
+``torch.cuda.current_device``                 -> the CPU device (Megatron allocates buffers on it)
+``torch.cuda.Stream/Event/current_stream/stream/synchronize``
+                                              -> no-op streams; an event completes the host copies
+                                                 recorded before it (see ``HostCopy``)
+``megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER`` (+ ``_INITIALIZED``,
+``initialize_rng_tracker``)                   -> ``CpuRNGStatesTracker``: fork of an unseeded state
+                                                 raises Megatron's error, as on GPU
+``tensor_parallel.model_parallel_cuda_manual_seed`` (module and package)
+                                              -> same names and seed offsets, CPU generator states
+``moe.token_dispatcher.maybe_move_tensor_to_cpu`` (its import of ``moe_utils``'s)
+                                              -> ``HostCopy``: split sizes unreadable until the
+                                                 event at Megatron's cuda_sync_point completes
+``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``
+                                              -> uneven splits built from equal-sized collectives
+                                                 (gloo has no uneven all_gather/reduce_scatter)
 
-Everything else (GPTModel, MoE layers, parallel_state over gloo, DDP, dist_checkpointing) runs
-unchanged. This module patches exactly those three things, and only when CUDA is absent, so a CPU
-run exercises the real Megatron-core code paths. ``enable()`` is idempotent; with CUDA present it
-does nothing, which keeps GPU runs free of any of this.
+On every machine, GPU included: ``moe.moe_utils.te_general_gemm`` is defined as None when Transformer
+Engine is absent (0.16.1 reads it unguarded). ``enable()`` is idempotent. One Megatron-core private is
+touched outside this module, for a reason that is not CUDA: ``training/checkpoint.py``'s
+``protect_checkpoint_writer`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -182,6 +195,44 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _uneven_collectives_over_gloo() -> None:
+    """gloo's all_gather / reduce_scatter take equal-sized tensors only, but Megatron's
+    sequence-parallel gather and reduce-scatter take per-rank split sizes when the expert-tensor-
+    parallel dispatcher moves a data-dependent number of tokens. Same contract, built from the
+    equal-sized collectives: pad every rank's slice to the largest, run the collective, drop
+    the padding."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[i * longest: i * longest + n] for i, n in enumerate(sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest * len(sizes), *input_.shape[1:]))
+        for i, chunk in enumerate(torch.split(input_, sizes, dim=0)):
+            padded[i * longest: i * longest + sizes[i]] = chunk
+        out = input_.new_empty((longest, *input_.shape[1:]))
+        dist.reduce_scatter_tensor(out, padded, group=group)
+        return out[: sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
 def _patch_missing_te_symbols() -> None:
     """megatron-core 0.16.1's router_gating_linear reads ``te_general_gemm`` even when TE is not
     installed (the import that would define it is skipped): define it as None so the plain torch
@@ -238,11 +289,9 @@ def enable() -> None:
 
     tp_pkg.model_parallel_cuda_manual_seed = _cpu_model_parallel_seed
 
+    _uneven_collectives_over_gloo()
+
     # The dispatcher's non-blocking host copies of its split sizes: see HostCopy.
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
-
-
-def is_enabled() -> bool:
-    return _ENABLED

@@ -93,7 +93,7 @@ class DevicePolicy:
 
 def _te_importable() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401 (probe only)
     except ImportError:
         return False
     return True

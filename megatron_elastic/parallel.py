@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_elastic import compat
-from megatron_elastic.config import Config
+from megatron_elastic.config import Config, ConfigError
 from megatron_elastic.device import policy, seed_all
 
 
@@ -87,25 +87,52 @@ def check_master_reachable(addr: str, port: int, timeout_s: float, rank: int) ->
     )
 
 
+def collective_timeout(cfg: Config) -> timedelta:
+    """How long any collective (and the rendezvous) may wait for a peer before this rank fails.
+
+    ``parallel.distributed_timeout_minutes`` (a float: 0.25 = 15 s), or the environment variable
+    ``MEGATRON_ELASTIC_TIMEOUT_S`` in seconds, which wins (tests use a few seconds). Applied to the
+    default group and to every Megatron subgroup, so a rank whose peer died never waits longer.
+    """
+    raw = os.environ.get("MEGATRON_ELASTIC_TIMEOUT_S")
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise ConfigError(
+                f"MEGATRON_ELASTIC_TIMEOUT_S={raw!r} must be a positive number of seconds "
+                "(or unset to use parallel.distributed_timeout_minutes)"
+            )
+        return timedelta(seconds=seconds)
+    return timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
+
+
 def initialize(cfg: Config, master_timeout_s: float | None = None) -> DistEnv:
     """Initialise torch.distributed and Megatron-core's parallel state for this config."""
     compat.enable()
     env = read_dist_env()
     cfg.validate_world(env.world_size)
     backend = cfg.parallel.distributed_backend or policy().backend
+    timeout = collective_timeout(cfg)
+    if backend == "nccl":
+        # Without it a NCCL collective whose peer died blocks past the timeout; with it the
+        # watchdog aborts the communicator and the rank exits (set before the group exists).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     policy().set_local_device(env.local_rank)
     if not dist.is_initialized():
         if env.world_size > 1:
-            timeout = master_timeout_s
-            if timeout is None:
-                timeout = float(os.environ.get("MEGATRON_ELASTIC_MASTER_TIMEOUT", "120"))
-            check_master_reachable(env.master_addr, env.master_port, timeout, env.rank)
+            probe = master_timeout_s
+            if probe is None:
+                probe = float(os.environ.get("MEGATRON_ELASTIC_MASTER_TIMEOUT", "120"))
+            check_master_reachable(env.master_addr, env.master_port, probe, env.rank)
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{_bracket(env.master_addr)}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
+            timeout=timeout,
         )
     if not parallel_state.model_parallel_is_initialized():
         p = cfg.parallel
@@ -116,6 +143,7 @@ def initialize(cfg: Config, master_timeout_s: float | None = None) -> DistEnv:
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
             create_gloo_process_groups=True,
+            distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
     # Megatron-LM's _set_random_seed: the RNG tracker's states must exist before any weight is
     # initialised (initialisation forks them), on GPU and, through compat, on CPU.

@@ -30,6 +30,10 @@ from megatron_elastic.device import policy
 REQUEUE_EXIT_CODE = 75
 
 
+class NonFiniteError(RuntimeError):
+    """train.max_consecutive_skips steps in a row had a non-finite loss or gradient norm."""
+
+
 @dataclass
 class TrainResult:
     iteration: int = 0
@@ -72,7 +76,7 @@ def _rank() -> int:
 
 def check_environment(cfg: Config) -> None:
     """Problems worth one clear line before any model is built."""
-    from megatron_elastic.training.data import parse_blend
+    from megatron_elastic.data.datasets import parse_blend
 
     parse_blend(cfg.data.data_path)
     if not cfg.data.tokenizer_model or not Path(cfg.data.tokenizer_model).is_file():
@@ -105,25 +109,33 @@ def loss_from_batch(model, batch) -> torch.Tensor:
 
 
 def evaluate(model, reader, cfg: Config, context, iteration_base: int = 0) -> float:
-    """Mean loss over ``eval_iters`` global batches of ``reader`` (averaged over ranks)."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for it in range(cfg.train.eval_iters):
-            for mb in range(reader.num_microbatches):
-                context.set(iteration_base + it, mb, reader.sample_offset(mb))
-                batch = policy().to_device(reader.get(iteration_base + it, mb))
-                total[0] += float(loss_from_batch(model, batch))
-                total[1] += 1
-    if dist.is_initialized():
-        from megatron.core import parallel_state as ps
+    """Validation loss over ``train.eval_iters`` global batches (training/evaluation.py)."""
+    from megatron_elastic.training.evaluation import evaluate as evaluate_loss
 
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    model.train()
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    return evaluate_loss(model, reader, cfg.train.eval_iters, context, iteration_base)
 
-    clear_aux_losses_tracker()
-    return float(total[0] / total[1])
+
+def finite_guard(ddp) -> Optional[torch.nn.Parameter]:
+    """A parameter reduced over the whole data-parallel group (not an expert weight), whose
+    gradient carries the loss' finiteness into the gradient norm (see ``fold_loss_into_grad``)."""
+    for p in ddp.module.parameters():
+        if p.requires_grad and getattr(p, "allreduce", True) and getattr(p, "main_grad", None) is not None:
+            return p
+    return None
+
+
+def fold_loss_into_grad(param: Optional[torch.nn.Parameter], loss_sum: torch.Tensor) -> None:
+    """Make the step's gradient norm non-finite when its loss is, without a host sync.
+
+    ``loss - loss`` is exactly 0 for a finite loss and NaN for an infinite or NaN one; added to
+    one gradient element before the data-parallel reduction, it reaches every rank's copy, so the
+    optimizer's global gradient norm (a host float it computes anyway) is non-finite on every rank
+    and every rank skips the same step. Gradients are usually non-finite already when the loss
+    is, but not always (an infinite per-token loss at a masked position has a zero gradient).
+    """
+    if param is not None:
+        grad = param.main_grad.view(-1)[:1]
+        grad.add_((loss_sum - loss_sum).to(grad.dtype))
 
 
 def build(cfg: Config):
@@ -136,9 +148,16 @@ def build(cfg: Config):
     from megatron_elastic.models.gpt import build_model
     from megatron_elastic.training.optim import build_optimizer, use_distributed_optimizer
 
+    from megatron_elastic.data.datasets import check_vocabulary
+
     env = parallel.initialize(cfg)
     check_environment(cfg)
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+    try:
+        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+    except ValueError as exc:  # unreadable bytes, or a model without an EOS piece
+        raise ConfigError(f"data.tokenizer_model: {exc}") from None
+    # Token ids that do not fit the embedding fail minutes in (a device-side assert on GPU).
+    check_vocabulary(cfg, tokenizer)
     model = build_model(cfg, tokenizer.vocab_size)
     ddp = DistributedDataParallel(
         config=model.config,
@@ -160,13 +179,13 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_elastic.moe.router import elastic_routers
     from megatron_elastic.training.checkpoint import (
         load_checkpoint,
         protect_checkpoint_writer,
         save_checkpoint,
     )
-    from megatron_elastic.training.data import BatchReader, build_datasets
+    from megatron_elastic.data.datasets import BatchReader, build_datasets
+    from megatron_elastic.training.flops import flops_metrics
     from megatron_elastic.training.metrics import Logger, collect_moe_metrics
     from megatron_elastic.training.optim import lr_at
 
@@ -189,7 +208,6 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     train = BatchReader(train_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
     valid = BatchReader(valid_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
     context = model.elastic_context
-    routers = elastic_routers(model)
     num_mb = train.num_microbatches
     # Megatron scales aux-loss gradients like the main loss (which we divide by num_mb).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))
@@ -200,13 +218,32 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     tokens_per_iter = t.global_batch_size * cfg.model.seq_length
     end = t.train_iters if max_iters is None else min(t.train_iters, start + max_iters)
     iteration = start
+    # Per-iteration loss sums stay on the device and are read once per log interval (and
+    # before an evaluation, save or stop), so the loop adds no per-micro-batch host sync.
+    pending_losses: List[torch.Tensor] = []
+    # Steps skipped for a non-finite loss or gradient norm: no update, logged, counted in
+    # TensorBoard (train/skipped_steps); max_consecutive_skips in a row stop the run unsaved.
+    guard = finite_guard(ddp)
+    consecutive_skips = skipped_total = skipped_since_log = 0
+
+    def flush_losses() -> None:
+        if not pending_losses:
+            return
+        sums = torch.stack(pending_losses)
+        if dist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        result.losses.extend((sums / (num_mb * dp_size)).tolist())
+        pending_losses.clear()
+
     try:
         ddp.train()
+        t_log = time.time()
         while iteration < end:
-            t0 = time.time()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            loss_sum = torch.zeros(1, dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=policy().device)
             for mb in range(num_mb):
                 context.set(iteration, mb, train.sample_offset(mb))
                 batch = policy().to_device(train.get(iteration, mb))
@@ -214,33 +251,59 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
                 with sync:
                     loss = loss_from_batch(ddp, batch)
                     (loss / num_mb).backward()
-                for router in routers:
-                    router.log_k()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach().double()
+            fold_loss_into_grad(guard, loss_sum)
             finalize_model_grads([ddp])
             lr = lr_at(cfg, iteration)
             applied, grad_norm = optimizer.step(lr)
             iteration += 1
-            if dist.is_initialized():
-                from megatron.core import parallel_state as ps
-
-                dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
-            mean_loss = float(loss_sum / (num_mb * dp_size))
-            result.losses.append(mean_loss)
+            if applied:
+                consecutive_skips = 0
+            else:
+                consecutive_skips += 1
+                skipped_total += 1
+                skipped_since_log += 1
+                logger.print(
+                    f"skipped step at iteration {iteration}: non-finite loss or gradient norm "
+                    f"(grad_norm {grad_norm}), no update ({consecutive_skips} in a row, "
+                    f"{skipped_total} in total)"
+                )
+            pending_losses.append(loss_sum)
             result.iteration = iteration
             moe = collect_moe_metrics(num_mb)
-            if iteration % cfg.logging.log_interval == 0 or iteration == end:
-                dt = time.time() - t0
-                logger.train_step(
-                    iteration,
-                    {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tokens_per_iter / max(dt, 1e-9), "skipped": not applied},
-                    moe,
-                )
-            if t.eval_interval and iteration % t.eval_interval == 0 and iteration < end:
-                logger.validation(iteration, evaluate(ddp, valid, cfg, context))
+            eval_due = t.eval_interval and iteration % t.eval_interval == 0 and iteration < end
             stop = signals.any_rank()
             save_due = ck.save and ck.save_interval and iteration % ck.save_interval == 0
+            log_due = iteration % cfg.logging.log_interval == 0 or iteration == end
+            if log_due or eval_due or save_due or stop:
+                steps = len(pending_losses)
+                flush_losses()
+                dt = time.time() - t_log
+                t_log = time.time()
+            if log_due:
+                rate = steps * tokens_per_iter / max(dt, 1e-9)
+                logger.train_step(
+                    iteration,
+                    {"loss": result.losses[-1], "lr": lr, "grad_norm": grad_norm,
+                     "tokens_per_s": rate, "skipped": skipped_since_log,
+                     "skipped_steps": skipped_total,
+                     **flops_metrics(cfg, moe, rate, vocab_size=model.vocab_size,
+                                     world_size=env.world_size),
+                     **({"peak_mem_gib": policy().peak_memory_gib()} if policy().cuda else {})},
+                    moe,
+                )
+                skipped_since_log = 0
+            if t.max_consecutive_skips and consecutive_skips >= t.max_consecutive_skips:
+                # Every rank saw the same global norm, so every rank stops here; nothing is saved.
+                raise NonFiniteError(
+                    f"iteration {iteration}: {consecutive_skips} consecutive steps had a non-finite "
+                    f"loss or gradient norm (train.max_consecutive_skips={t.max_consecutive_skips}); "
+                    "stopped without saving: lower train.lr, raise train.lr_warmup_iters or keep "
+                    "train.clip_grad > 0, and resume from the last checkpoint"
+                )
+            if eval_due:
+                logger.validation(iteration, evaluate(ddp, valid, cfg, context))
+                t_log = time.time()  # evaluation time is not training throughput
             if ck.save and (save_due or stop):
                 result.checkpoint = str(save_checkpoint(ck.save, model, optimizer, cfg, iteration))
                 logger.print(f"saved checkpoint at iteration {iteration} to {result.checkpoint}")
@@ -258,6 +321,18 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     finally:
         signals.restore()
         logger.close()
+
+
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting",
+              "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank died or hung (gloo/NCCL's own messages)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        marker in str(exc) for marker in _LOST_PEER)
 
 
 def parse_args(argv=None):
@@ -279,9 +354,18 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = run(cfg)
-    except (ConfigError, CheckpointError, parallel.RendezvousError) as exc:
+    except (ConfigError, CheckpointError, parallel.RendezvousError, NonFiniteError) as exc:
         print(f"error [rank {rank}]: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        # Not this rank's fault: one line instead of a collective's traceback.
+        print(f"error [rank {rank}]: lost contact with another rank ({str(exc).splitlines()[0][:300]})"
+              ": the rank that failed first has the cause (launchers/local.sh and the Slurm job log "
+              "name it); a hung peer is given up on after parallel.distributed_timeout_minutes",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         parallel.destroy()
     if result.preempted:

@@ -21,7 +21,7 @@ pytestmark = [
 def _train_gpu(rank, world_size, overrides):
     from megatron_elastic import parallel
     from megatron_elastic.config import load_config
-    from megatron_elastic.models.gpt import te_available
+    from megatron_elastic.device import policy
     from megatron_elastic.train import run
     from megatron_elastic.training.optim import MegatronOptimizer
 
@@ -30,7 +30,7 @@ def _train_gpu(rank, world_size, overrides):
         result = run(cfg)
     finally:
         parallel.destroy()
-    return {"losses": result.losses, "te": te_available(), "optimizer": MegatronOptimizer.__name__}
+    return {"losses": result.losses, "te": policy().use_te_spec, "optimizer": MegatronOptimizer.__name__}
 
 
 def test_bf16_distributed_optimizer_trains(smoke_data, tmp_path):

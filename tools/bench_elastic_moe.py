@@ -1,23 +1,29 @@
 #!/usr/bin/env python
-"""Benchmark: what elastic routing costs next to Megatron-core's Top-k, measured side by side.
+"""Benchmark: what elastic routing costs next to Megatron-core's Top-k, at the all-to-all.
 
-Times forward+backward of one MoE layer (same weights, same tokens) for:
+Times forward+backward of one MoE layer (same weights, same tokens) on ``--ep N`` expert-parallel
+ranks (gloo on CPU, NCCL on GPU; N = 1 is one process), dispatcher + experts + combine including
+the all-to-all, for:
 
 * ``mcore_topk{k}``: Megatron-core's ``TopKRouter`` + ``MoEAlltoAllTokenDispatcher`` at k;
 * ``elastic_fixed{k}``: ``ElasticRouter`` + ``ElasticAlltoAllTokenDispatcher``, fixed k;
-* ``elastic_layerwise``: k drawn per step from [1, k_max];
+* ``elastic_layerwise[1,2k]``: k drawn per step from [1, 2k];
 * ``emoe_pool{k}of{k_ideal}``: EMoE candidate pool, k of the top k_ideal per token;
 * ``mcore_topk{k_ideal}``: what training at k_ideal would cost instead.
 
-and prints each time as a ratio to ``mcore_topk{k}``, plus the rows handed to the all-to-all per
-token (mean over steps). The claim checked: an EMoE pool trains at the cost of k (ratio ~1), not of k_ideal.
+For each: the median step time (the slowest rank's) and its ratio to ``mcore_topk{k}``; the bytes
+per token each rank hands to the dispatch all-to-all, counted at the collective
+(``torch.distributed.all_to_all_single``, token tensors only) next to the expected
+k_l x hidden x element size; and the load imbalance, max/mean over EP ranks of the tokens each rank's
+experts receive. Cases run round-robin so that other load on the machine hits them alike.
 
-    python tools/bench_elastic_moe.py [--tokens 4096 --hidden 256 --experts 16 --k 2 --pool-ratio 3]
+    python tools/bench_elastic_moe.py [--ep 2] [--tokens 4096 --hidden 256 --experts 16 --k 2 --pool-ratio 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -29,13 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 
+def policy():
+    from megatron_elastic.device import policy as device_policy
+
+    return device_policy()
+
+
 def build_layer(cfg, elastic: bool):
     import copy
 
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_elastic.models.gpt import layer_spec, transformer_config
+    from megatron_elastic.models.gpt import init_weights, layer_spec, transformer_config
     from megatron_elastic.moe.layer import attach_elastic
 
     spec = copy.deepcopy(layer_spec(cfg, use_te=False).submodules.mlp)
@@ -47,41 +59,58 @@ def build_layer(cfg, elastic: bool):
     layer = build_module(spec, config=transformer_config(cfg))
     layer.set_layer_number(1)
     if elastic:
-        attach_elastic(layer, cfg)
-    return layer
+        attach_elastic(layer, cfg.elastic)
+    init_weights(layer, cfg)  # keyed by global name: every case and layout has the same weights
+    return policy().move_model(layer)
 
 
-def step(layer, x, iteration: int) -> float:
-    """One forward+backward; returns its wall time."""
-    import torch
+class CollectiveCounter:
+    """Counts what the dispatch all-to-all is handed: the first token tensor (2-d, hidden
+    columns) of a forward; the second one is the combine sending expert outputs back."""
 
+    def __init__(self, hidden: int):
+        import torch.distributed as dist
+
+        self.hidden, self.bytes, self.rows = hidden, 0, 0
+        self._original = dist.all_to_all_single
+        counter = self
+
+        def counting(output, input, *args, **kwargs):
+            if input.dim() == 2 and input.shape[1] == counter.hidden and counter.active:
+                counter.bytes = input.numel() * input.element_size()
+                counter.rows = int(input.shape[0])
+                counter.active = False
+            return counter._original(output, input, *args, **kwargs)
+
+        self.active = False
+        dist.all_to_all_single = counting
+
+
+def step(layer, x, iteration, counter):
+    """One forward+backward; returns (wall seconds, dispatch bytes, tokens received here, k)."""
     context = getattr(layer, "elastic_context", None)
     if context is not None:
         context.set(iteration, 0, 0)
     inp = x.detach().requires_grad_(True)
+    policy().synchronize()
+    counter.active, counter.bytes = True, 0
     t0 = time.perf_counter()
     out, _ = layer(inp)
+    counter.active = False
     out.float().sum().backward()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    policy().synchronize()
     seconds = time.perf_counter() - t0
+    disp = layer.token_dispatcher
+    received = int(sum(disp.output_splits)) if getattr(disp, "output_splits", None) is not None \
+        else int(disp.routing_map.sum())
+    k = getattr(getattr(layer, "router", None), "last_k", None) or disp.config.moe_router_topk
     layer.zero_grad(set_to_none=True)
-    return seconds
+    return seconds, counter.bytes, received, k
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per forward (seq x batch)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=512)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--pool-ratio", type=float, default=3.0)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args(argv)
-
+def run(rank: int, world: int, args) -> list:
     import torch
+    import torch.distributed as dist
 
     from megatron_elastic import parallel
     from megatron_elastic.config import Config
@@ -91,6 +120,8 @@ def main(argv=None) -> int:
             "model": {"num_layers": 1, "hidden_size": args.hidden, "num_attention_heads": 4,
                       "num_query_groups": 2, "num_moe_experts": args.experts,
                       "moe_ffn_hidden_size": args.ffn, "moe_router_topk": k},
+            "parallel": {"expert_model_parallel_size": world},
+            "train": {"micro_batch_size": 1, "global_batch_size": world},
             "elastic": {"schedule": schedule, "k_min": k_min or k, "k_max": k_max or k,
                         "pool_ratio": pool},
         }
@@ -100,13 +131,8 @@ def main(argv=None) -> int:
     k_ideal = int(-(-args.pool_ratio * k // 1))
     base_cfg = cfg_for(k)
     parallel.initialize(base_cfg)
-    torch.manual_seed(0)
-    x = torch.randn(args.tokens // 4, 4, args.hidden)
-    if torch.cuda.is_available():
-        x = x.cuda()
-    reference = build_layer(base_cfg, elastic=False)
-    state = reference.state_dict()
-
+    g = torch.Generator().manual_seed(1000 + rank)  # each rank its own tokens
+    x = torch.randn(args.tokens // 4, 4, args.hidden, generator=g).to(policy().device)
     cases = [
         (f"mcore_topk{k}", base_cfg, False),
         (f"elastic_fixed{k}", base_cfg, True),
@@ -114,36 +140,103 @@ def main(argv=None) -> int:
         (f"emoe_pool{k}of{k_ideal}", cfg_for(k, pool=args.pool_ratio), True),
         (f"mcore_topk{k_ideal}", cfg_for(k_ideal), False),
     ]
-    layers = []
-    for name, cfg, elastic in cases:
-        layer = build_layer(cfg, elastic)
-        layer.load_state_dict(state)
-        if torch.cuda.is_available():
-            layer.cuda()
-        layer.train()
-        layers.append(layer)
-    # Round-robin so that load from other processes hits every case alike.
-    times = [[] for _ in cases]
-    rows = [[] for _ in cases]
+    layers = [build_layer(cfg, elastic).train() for _, cfg, elastic in cases]
+    counter = CollectiveCounter(args.hidden)
+    stats = [{"times": [], "bytes_per_token": [], "expected": [], "imbalance": []} for _ in cases]
     for it in range(args.warmup + args.iters):
         for i, layer in enumerate(layers):
-            seconds = step(layer, x, it)
+            seconds, sent, received, k_l = step(layer, x, it, counter)
+            row = torch.tensor([seconds, float(received)], dtype=torch.float64)
+            if world > 1:
+                slowest = row[:1].clone()
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                loads = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+                dist.all_gather(loads, row[1:].clone())
+                loads = torch.cat(loads)
+                seconds, imbalance = float(slowest), float(loads.max() / loads.mean().clamp(min=1))
+            else:
+                imbalance = 1.0
             if it >= args.warmup:
-                times[i].append(seconds)
-                routed = layer.token_dispatcher.routing_map.sum()
-                rows[i].append(float(routed) / args.tokens)
-    results = [
-        (name, statistics.median(times[i]), statistics.mean(rows[i]))
-        for i, (name, _, _) in enumerate(cases)
-    ]
-    base = results[0][1]
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts, "
-          f"device {device}, median of {args.iters}")
-    print(f"{'case':28s} {'ms':>9s} {'ratio':>7s} {'slots/token':>12s}")
-    for name, seconds, rows_per_token in results:
-        print(f"{name:28s} {seconds * 1e3:9.2f} {seconds / base:7.2f} {rows_per_token:12.2f}")
+                s = stats[i]
+                s["times"].append(seconds)
+                s["imbalance"].append(imbalance)
+                if world > 1:
+                    s["bytes_per_token"].append(sent / args.tokens)
+                    s["expected"].append(k_l * args.hidden * x.element_size())
     parallel.destroy()
+    out = []
+    base = statistics.median(stats[0]["times"])
+    for (name, _, _), s in zip(cases, stats):
+        t = statistics.median(s["times"])
+        out.append({
+            "case": name, "ms": t * 1e3, "ratio": t / base,
+            "bytes_per_token": statistics.mean(s["bytes_per_token"]) if s["bytes_per_token"] else None,
+            "expected_bytes_per_token": statistics.mean(s["expected"]) if s["expected"] else None,
+            "bytes_match_every_step": s["bytes_per_token"] == s["expected"],
+            "load_imbalance": statistics.mean(s["imbalance"]),
+        })
+    return out
+
+
+def _worker(rank, world, port, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(max(1, args.threads_per_rank))
+    result = run(rank, world, args)
+    if rank == 0:
+        queue.put(result)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (processes)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank per forward")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--pool-ratio", type=float, default=3.0)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="CPU threads per rank (--ep > 1)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.experts % args.ep:
+        parser.error(f"--experts {args.experts} is not divisible by --ep {args.ep}")
+    if args.ep == 1:
+        results = run(0, 1, args)
+    else:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        mp.start_processes(_worker, args=(args.ep, port, args, queue), nprocs=args.ep, join=True,
+                           start_method="spawn")
+        results = queue.get()
+    threads = torch.get_num_threads() if args.ep == 1 else args.threads_per_rank
+    device = policy().device_name() if policy().cuda else f"cpu ({threads} threads per rank)"
+    print(f"MoE layer fwd+bwd, EP {args.ep}, {args.tokens} tokens per rank, hidden {args.hidden}, "
+          f"{args.experts} experts, device {device}, median of {args.iters}")
+    print(f"{'case':26s} {'ms':>9s} {'ratio':>7s} {'bytes/token':>12s} {'expected':>9s} {'imbalance':>10s}")
+    for r in results:
+        got = f"{r['bytes_per_token']:.0f}" if r["bytes_per_token"] is not None else "-"
+        want = f"{r['expected_bytes_per_token']:.0f}" if r["expected_bytes_per_token"] is not None else "-"
+        print(f"{r['case']:26s} {r['ms']:9.2f} {r['ratio']:7.3f} {got:>12s} {want:>9s} "
+              f"{r['load_imbalance']:10.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": device, "ep": args.ep, "tokens_per_rank": args.tokens, "hidden": args.hidden,
+            "experts": args.experts, "iters": args.iters, "cases": results}, indent=2))
     return 0
 
 

@@ -74,7 +74,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         num_moe_experts=m.num_moe_experts,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-        moe_router_topk=_max_k(cfg),
+        moe_router_topk=cfg.buffer_k,
         moe_router_score_function=m.moe_router_score_function,
         moe_router_pre_softmax=m.moe_router_pre_softmax,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
@@ -98,12 +98,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def _max_k(cfg: Config) -> int:
-    """Megatron sizes static buffers from moe_router_topk: give it the largest k a step can use."""
-    return max(cfg.model.moe_router_topk, cfg.elastic_k_max)
-
-
-def layer_spec(cfg: Config, use_te: Optional[bool] = None) -> ModuleSpec:
+def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False) -> ModuleSpec:
+    """``stock_moe`` keeps Megatron-core's own MoELayer + TopKRouter (the baseline that
+    benchmarks and equivalence tests compare the elastic modules against)."""
     from megatron_elastic.moe.layer import ElasticMoELayer
     from megatron_elastic.moe.router import ElasticRouter
 
@@ -126,19 +123,20 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None) -> ModuleSpec:
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         _use_sequence_parallel_norm(spec)
     spec = copy.deepcopy(spec)
-    moe = spec.submodules.mlp
-    moe.module = ElasticMoELayer
-    moe.submodules.router = ElasticRouter
+    if not stock_moe:
+        moe = spec.submodules.mlp
+        moe.module = ElasticMoELayer
+        moe.submodules.router = ElasticRouter
     return spec
 
 
-def block_spec(cfg: Config, use_te: Optional[bool] = None):
+def block_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False):
     """The layer spec for every layer plus the final norm: on the local spec Megatron would pick
     its torch-norm wrapper for the final norm, which refuses sequence parallelism."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     use_te = policy().use_te_spec if use_te is None else use_te
-    spec = layer_spec(cfg, use_te)
+    spec = layer_spec(cfg, use_te, stock_moe)
     if use_te:
         return spec
     return TransformerBlockSubmodules(
@@ -146,15 +144,17 @@ def block_spec(cfg: Config, use_te: Optional[bool] = None):
     )
 
 
-def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> GPTModel:
-    """Build the MoE GPT for this rank's shard (parallel state must be initialised)."""
+def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None,
+                stock_moe: bool = False) -> GPTModel:
+    """Build the MoE GPT for this rank's shard (parallel state must be initialised).
+    ``stock_moe``: Megatron-core's MoE layer and Top-k router instead of the elastic ones."""
     tcfg = transformer_config(cfg)
     vocab = cfg.model.vocab_size or padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
     )
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=block_spec(cfg, use_te),
+        transformer_layer_spec=block_spec(cfg, use_te, stock_moe),
         vocab_size=vocab,
         max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
         pre_process=True,
@@ -166,7 +166,8 @@ def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None) -> 
     )
     from megatron_elastic.moe.layer import attach_elastic
 
-    attach_elastic(model, cfg)
+    if not stock_moe:
+        attach_elastic(model, cfg.elastic)
     init_weights(model, cfg)
     return policy().move_model(model)
 
@@ -186,11 +187,6 @@ def _use_sequence_parallel_norm(spec: ModuleSpec) -> None:
 
 
 # ---------------------------------------------------------------------- initialisation
-def global_param_name(name: str, module_layout: dict) -> str:
-    """Name a local parameter by its global identity (expert index global, not local)."""
-    return module_layout.get(name, name)
-
-
 def _seed_for(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -264,7 +260,3 @@ def expert_global_names(model: torch.nn.Module) -> dict:
             if m:
                 mapping[full] = f"{prefix}local_experts.{indices[int(m.group(2))]}.{m.group(1)}"
     return mapping
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -2,8 +2,9 @@
 
 ``set_inference_k(model, 4)`` sets k'=4 everywhere; ``set_inference_k(model, [6, 4, 2, 1])`` sets
 a per-layer budget (one entry per MoE layer, in depth order); ``set_inference_k(model,
-top_p=0.5)`` lets each token take the smallest k whose probability mass reaches 0.5 (clipped to
-the trained [k_min, k_max]); ``set_inference_k(model, None)`` restores the default (the training k,
+top_p=0.5)`` lets each token take the smallest k whose probability mass reaches 0.5 (within
+``top_p_k_range``, default [1, num_experts], so a fixed-k model can go above its training k);
+``set_inference_k(model, None)`` restores the default (the training k,
 or k_max for a varying schedule). Training forwards are unaffected: they follow the schedule.
 """
 
@@ -18,16 +19,16 @@ from megatron_elastic.moe.router import elastic_routers
 KSpec = Union[None, int, Sequence[int]]
 
 
-def set_inference_k(model: torch.nn.Module, k: KSpec = None, top_p: Optional[float] = None) -> None:
+def set_inference_k(model: torch.nn.Module, k: KSpec = None, top_p: Optional[float] = None,
+                    top_p_k_range: Optional[tuple] = None) -> None:
     routers = elastic_routers(model)
     if not routers:
         raise ValueError("model has no elastic routers; was it built by megatron_elastic?")
-    routers.sort(key=lambda r: r.layer_number or 0)
     if top_p is not None:
         if k is not None:
             raise ValueError("pass k or top_p, not both")
         for router in routers:
-            router.set_inference(top_p=top_p)
+            router.set_inference(top_p=top_p, top_p_k_range=top_p_k_range)
         return
     if k is None or isinstance(k, int):
         for router in routers:
@@ -43,7 +44,7 @@ def set_inference_k(model: torch.nn.Module, k: KSpec = None, top_p: Optional[flo
 def inference_k(model: torch.nn.Module) -> List[Optional[int]]:
     """The k' each layer uses at evaluation (None where a top-p threshold decides per token)."""
     out = []
-    for router in sorted(elastic_routers(model), key=lambda r: r.layer_number or 0):
+    for router in elastic_routers(model):
         if router.eval_top_p is not None:
             out.append(None)
         else:

@@ -31,7 +31,15 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.last_dispatch_bytes: int = 0
         self.last_dispatch_rows: int = 0
 
+    def set_step_k(self, k: Optional[int]) -> None:
+        """The k the router used for this forward (None: decided per token)."""
+        self.step_topk = k
+
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        # Megatron fixes its sync point once per configuration; here it depends on this
+        # forward's k (a per-token k needs an earlier one), so it is decided afresh each time
+        # instead of staying where one top-p forward moved it.
+        self.cuda_sync_point = "no_sync"
         tokens_per_local_expert = super().preprocess(routing_map)
         k = self.step_topk
         num_tokens = routing_map.size(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_elastic.config import Config
+from megatron_elastic.config import ElasticConfig
 from megatron_elastic.moe.context import StepContext
 from megatron_elastic.moe.dispatcher import ElasticAlltoAllTokenDispatcher
 from megatron_elastic.moe.router import ElasticRouter, elastic_routers
@@ -38,19 +38,21 @@ class ElasticMoELayer(MoELayer):
 
     def route(self, hidden_states: torch.Tensor, padding_mask=None):
         probs, routing_map = super().route(hidden_states, padding_mask)
-        if isinstance(self.router, ElasticRouter) and hasattr(self.token_dispatcher, "step_topk"):
-            self.token_dispatcher.step_topk = self.router.last_k
+        # k flows one way: the router decided it; the dispatcher sizes this forward's buffers by it.
+        if isinstance(self.router, ElasticRouter) and isinstance(
+            self.token_dispatcher, ElasticAlltoAllTokenDispatcher
+        ):
+            self.token_dispatcher.set_step_k(self.router.last_k)
         return probs, routing_map
 
 
-def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
-    """Give every elastic router its k sampler, pool, losses and the shared step context."""
-    e = cfg.elastic
+def attach_elastic(model: torch.nn.Module, e: ElasticConfig) -> StepContext:
+    """Give every elastic router its k sampler, pool, losses and the shared step context, from
+    the (validated, hence resolved) ``elastic`` section of the run config."""
+    if e.k_min is None or e.k_max is None or e.seed is None:
+        raise ValueError("attach_elastic needs a validated config (Config.validate() resolves k and seed)")
     context = StepContext()
-    k_min, k_max = cfg.elastic_k_min, cfg.elastic_k_max
-    # "fixed" trains the one k of [k_min, k_max] (validation requires k_min == k_max; both
-    # default to model.moe_router_topk); evaluation defaults to it, or to k_max when k varies.
-    default_eval_k = k_max
+    k_min, k_max = e.k_range
     sampler = KSampler(
         schedule=e.schedule,
         k_min=k_min,
@@ -58,8 +60,8 @@ def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
         distribution=e.distribution,
         tau=e.tau,
         top_p=e.top_p,
-        seed=cfg.elastic_seed,
-        fixed_k=k_max if e.schedule == "fixed" else None,
+        seed=e.seed,
+        fixed_k=e.k_train if e.schedule == "fixed" else None,
     )
     for router in elastic_routers(model):
         router.configure(
@@ -67,9 +69,9 @@ def attach_elastic(model: torch.nn.Module, cfg: Config) -> StepContext:
             context=context,
             pool_ratio=e.pool_ratio,
             router_loss_coeff=e.router_loss_coeff,
-            seed=cfg.elastic_seed,
+            seed=e.seed,
             top_p=e.top_p,
-            default_eval_k=default_eval_k,
+            default_eval_k=e.k_train,
         )
     model.elastic_context = context
     if e.eval_k is not None:

@@ -9,7 +9,10 @@ tracker, expert bias, is inherited):
   ``self.topk`` is set to k_l before routing, so Megatron's own top-k, capacity and
   load-balancing code run at k_l and the load-balancing loss is normalised by the k actually used.
 * **Per-token top-p** (M-MoE's probability-based variant): each token takes the smallest k whose
-  sorted probability mass reaches p, clipped to [k_min, k_max].
+  sorted probability mass reaches p, clipped to [k_min, k_max] in training and to the inference
+  range (default [1, num_experts], so a fixed-k model can use it too) at evaluation. The mean k
+  stays on the device: top-p adds no host sync beyond the one the dispatcher's data-dependent
+  output size needs.
 * **EMoE candidate pool** (training only): per token, the top k_ideal = round(pool_ratio * k_l)
   experts form a pool from which k_l are drawn uniformly without replacement. The uniforms are a
   counter-based hash of (seed, iteration, layer, global token index), so the draw is identical
@@ -42,7 +45,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_elastic.moe import routing_math
 from megatron_elastic.moe.context import StepContext
-from megatron_elastic.moe.schedules import KSampler, derive_seed, top_p_k
+from megatron_elastic.moe.routing_math import derive_seed, top_p_k
+from megatron_elastic.moe.schedules import KSampler
 
 _POOL_TAG = 0x454D4F45  # "EMOE": keeps pool draws independent of the k draws
 
@@ -61,11 +65,13 @@ class ElasticRouter(TopKRouter):
         # Inference control: a fixed k' or a top-p threshold; None = default_eval_k.
         self.eval_k: Optional[int] = None
         self.eval_top_p: Optional[float] = None
+        self.eval_top_p_range: tuple = (1, config.num_moe_experts)
         self.default_eval_k: int = config.moe_router_topk
         # What the last forward did, for logging and for the dispatcher's buffer sizing:
         # an int when every token used the same k, None when k varied per token.
         self.last_k: Optional[int] = None
-        self.last_mean_k: float = float(config.moe_router_topk)
+        # A float for a fixed k, a 0-d device tensor for per-token k (never synced here).
+        self.last_mean_k = float(config.moe_router_topk)
         self.record_routing: bool = False
         self.last_routing_map: Optional[torch.Tensor] = None
 
@@ -89,14 +95,21 @@ class ElasticRouter(TopKRouter):
         self.k_min, self.k_max = sampler.k_min, sampler.k_max
         self.default_eval_k = default_eval_k
 
-    def set_inference(self, k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    def set_inference(self, k: Optional[int] = None, top_p: Optional[float] = None,
+                      top_p_k_range: Optional[tuple] = None) -> None:
+        """Inference k' (an int), or a top-p threshold with its per-token k range (default
+        [1, num_experts]); neither restores the default k."""
         if k is not None and not 1 <= k <= self.num_experts:
             raise ValueError(f"k'={k} must lie in [1, num_experts={self.num_experts}]")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p} must lie in (0, 1]")
         if k is not None and top_p is not None:
             raise ValueError("set either k or top_p, not both")
+        lo, hi = top_p_k_range if top_p_k_range is not None else (1, self.num_experts)
+        if not 1 <= lo <= hi <= self.num_experts:
+            raise ValueError(f"top-p k range [{lo}, {hi}] must lie within [1, {self.num_experts}]")
         self.eval_k, self.eval_top_p = k, top_p
+        self.eval_top_p_range = (int(lo), int(hi))
 
     # ------------------------------------------------------------------ forward pieces
     def _layer_index(self) -> int:
@@ -164,10 +177,20 @@ class ElasticRouter(TopKRouter):
         probs = self._apply_router_loss(probs, flat_logits)
         if self.record_routing:
             self.last_routing_map = routing_map.detach()
+        if self.training and torch.is_grad_enabled():
+            self._log_k()  # next to Megatron's aux losses, which it logs on the same condition
         return probs, routing_map
 
     def _custom_routing(self, logits, k: Optional[int], padding_mask):
-        """Candidate-pool sampling or per-token top-p, with Megatron's losses attached."""
+        """Candidate-pool sampling or per-token top-p, with Megatron's losses attached.
+
+        MIRRORS upstream: the tail of ``TopKRouter.routing`` in megatron-core 0.16.1
+        (megatron/core/transformer/moe/router.py: z-loss, score function, top-k scaling factor,
+        token dropping, the three aux losses through the private ``_apply_*aux_loss`` methods,
+        expert bias), with the selection replaced by the pool draw or the per-token top-p map.
+        On a megatron-core upgrade re-read that method and keep this one in step; the tests in
+        tests/moe/test_router.py compare both paths at equal k.
+        """
         seq_length, bsz = logits.shape[:2]
         logits = logits.reshape(-1, self.num_experts)
         if padding_mask is not None:
@@ -189,13 +212,15 @@ class ElasticRouter(TopKRouter):
             self.topk = k
             self.last_k, self.last_mean_k = k, float(k)
         else:
-            p = self.top_p if self.training else self.eval_top_p
-            k_tok = top_p_k(scores.detach(), p, self.k_min, self.k_max)
-            routing_map, _ = routing_math.per_token_topk(
-                scores.detach(), k_tok, self.k_max, validate=False
-            )
-            mean_k = float(k_tok.float().mean())
-            # Megatron's normalisations read topk: use the mean k actually used.
+            if self.training:
+                p, (lo, hi) = self.top_p, (self.k_min, self.k_max)
+            else:
+                p, (lo, hi) = self.eval_top_p, self.eval_top_p_range
+            k_tok = top_p_k(scores.detach(), p, lo, hi)
+            routing_map, _ = routing_math.per_token_topk(scores.detach(), k_tok, hi, validate=False)
+            # Megatron's load-balancing normalisation reads topk: the mean k actually used,
+            # kept on the device (a tensor divides like a number there).
+            mean_k = k_tok.float().mean()
             self.topk = mean_k
             self.last_k, self.last_mean_k = None, mean_k
         selected = raw * routing_map
@@ -212,7 +237,8 @@ class ElasticRouter(TopKRouter):
                 # keeps Megatron's capacity for this case).
                 capacity_k = self.config.moe_router_topk
             else:
-                capacity_k = k if k is not None else max(1, round(self.topk))
+                # Dropping needs the capacity on the host; Megatron syncs here too.
+                capacity_k = k if k is not None else max(1, round(float(self.topk)))
             probs, routing_map = apply_router_token_dropping(
                 probs,
                 routing_map,
@@ -222,8 +248,10 @@ class ElasticRouter(TopKRouter):
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            # Only the scores are used (the map returned for this k is replaced by the one
+            # actually dispatched), so the static bound serves as k without a host sync.
             _, scores_for_aux = compute_routing_scores_for_aux_loss(
-                logits, max(1, round(self.topk)), self.score_function, padding_mask=padding_mask
+                logits, self.config.moe_router_topk, self.score_function, padding_mask=padding_mask
             )
             # Balance what is actually dispatched: the sampled / per-token map.
             aux_map = routing_map if padding_mask is None else routing_map & ~padding_mask.unsqueeze(-1)
@@ -250,13 +278,16 @@ class ElasticRouter(TopKRouter):
             probs, coeff, loss, "hierarchical_router_loss", self.tp_cp_group
         )
 
-    def log_k(self) -> None:
-        """Record this layer's k in Megatron's per-layer tracker (shown as 'k' in the log)."""
+    def _log_k(self) -> None:
+        """Record this forward's k in Megatron's per-layer tracker (the log's 'k', summed over
+        micro-batches like the aux losses and averaged by the trainer's metrics)."""
         num_layers = self.config.num_layers
-        save_to_aux_losses_tracker(
-            "k", torch.tensor(self.last_mean_k, device=self.weight.device), self.layer_number, num_layers
-        )
+        k = self.last_mean_k
+        k = k.detach().float() if torch.is_tensor(k) else torch.tensor(k, device=self.weight.device)
+        save_to_aux_losses_tracker("k", k, self.layer_number, num_layers)
 
 
 def elastic_routers(model: torch.nn.Module) -> List[ElasticRouter]:
-    return [m for m in model.modules() if isinstance(m, ElasticRouter)]
+    """The model's elastic routers in depth order (by layer number)."""
+    routers = [m for m in model.modules() if isinstance(m, ElasticRouter)]
+    return sorted(routers, key=lambda r: r.layer_number or 0)

@@ -23,21 +23,122 @@ Conventions (matching Megatron-core 0.16 ``TopKRouter.routing`` /
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
 __all__ = [
-    "topk_renormalized",
-    "to_dense",
+    "splitmix64",
+    "derive_seed",
+    "top_p_k",
     "per_token_topk",
     "candidate_pool_size",
     "sample_from_candidate_pool",
     "keyed_uniforms",
     "hierarchical_router_loss",
-    "switch_load_balancing_loss_variable_k",
     "expert_cooccurrence",
 ]
+
+
+# ---------------------------------------------------------------------- the counter-based hash
+# One SplitMix64 (Vigna) for the whole package: on Python ints for seeds (k draws, pool keys)
+# and on int64 tensors for per-token draws (keyed_uniforms); same constants, same outputs.
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+def splitmix64(x: int) -> int:
+    """One step of Vigna's SplitMix64: advance ``x`` by the golden gamma and mix.
+
+    A tiny, well-studied 64-bit bijective mixer; consecutive integers map to
+    statistically independent outputs, which is exactly what is needed to turn
+    structured coordinates (iteration 0, 1, 2, ...) into unrelated seeds.
+    Pure Python integer arithmetic, so the result is identical on every
+    platform, Python build and torch version.
+    """
+    z = (x + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(*values: int) -> int:
+    """Hash an ordered tuple of integers into a 63-bit seed.
+
+    Chains SplitMix64 over the values (``state = splitmix64(state ^ v)``).
+    Order matters and tuples of different lengths give unrelated seeds.
+    Negative integers are folded in two's complement.  The result is kept
+    below ``2**63`` so it is a valid seed for any consumer (torch, numpy).
+
+    Other components (e.g. the EMoE per-token candidate sampling) can use this
+    to derive their own rank-consistent generators; they should include a
+    distinct leading tag to keep their streams independent of the k draws.
+    """
+    state = 0
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"derive_seed expects ints, got {type(v).__name__}: {v!r}")
+        state = splitmix64(state ^ (v & _MASK64))
+    return state >> 1
+
+
+def _check_k_range(k_min: int, k_max: int) -> None:
+    for name, v in (("k_min", k_min), ("k_max", k_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+    if k_min < 1:
+        raise ValueError(f"k_min must be >= 1, got {k_min}")
+    if k_max < k_min:
+        raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
+
+
+def _check_p(p: float) -> None:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
+        raise ValueError(f"top-p threshold must lie in (0, 1], got {p!r}")
+
+
+def top_p_k(
+    probs: torch.Tensor,
+    p: float,
+    k_min: int,
+    k_max: int,
+    *,
+    is_sorted: bool = False,
+    atol: float = 1e-6,
+) -> torch.Tensor:
+    """Per-token ``k``: the smallest ``k`` whose top-``k`` probability mass reaches ``p``.
+
+    Args:
+        probs: ``[..., N]`` router probabilities (softmax over all experts).
+            If ``is_sorted`` is True the last dim is assumed already sorted in
+            descending order (saves a sort when the caller has one).
+        p: mass threshold in ``(0, 1]``.
+        k_min, k_max: clip range; ``k_max`` must not exceed ``N``.
+        atol: tolerance on the cumulative mass.  Low-precision probabilities
+            rarely sum exactly to the hand value (``0.5 + 0.3`` in float32 is
+            not exactly ``0.8``), so a cumulative mass within ``atol`` of ``p``
+            counts as reaching it.  The sum is accumulated in float64.
+
+    Returns:
+        ``LongTensor[...]`` with values in ``[k_min, k_max]``; no gradient.
+
+    Example: probs ``[0.5, 0.3, 0.1, 0.1]`` -> ``p=0.5: 1``, ``p=0.7: 2``,
+    ``p=0.8: 2``, ``p=0.85: 3``, ``p=1.0: 4``.
+    """
+    _check_p(p)
+    _check_k_range(k_min, k_max)
+    if probs.dim() < 1:
+        raise ValueError("probs must have at least one dimension (experts last)")
+    n = probs.shape[-1]
+    if k_max > n:
+        raise ValueError(f"k_max={k_max} exceeds the number of experts {n}")
+    with torch.no_grad():
+        sorted_probs = probs if is_sorted else torch.sort(probs, dim=-1, descending=True).values
+        cum = torch.cumsum(sorted_probs.to(torch.float64), dim=-1)
+        # Number of prefixes that are still short of p, plus one = first prefix reaching p.
+        k = (cum < (p - atol)).sum(dim=-1) + 1
+        return k.clamp_(min=k_min, max=k_max).to(torch.long)
 
 
 def _check_probs(probs: torch.Tensor) -> Tuple[int, int]:
@@ -57,61 +158,6 @@ def _check_int(name: str, v: int, lo: int, hi: Optional[int] = None) -> None:
         raise ValueError(f"{name}={v} must be in {bound}")
 
 
-def topk_renormalized(probs: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` experts per token with gates renormalised to sum to 1.
-
-    Args:
-        probs: ``[T, N]`` softmax over all experts (caller applies softmax).
-        k: number of experts, ``1 <= k <= N``.
-
-    Returns:
-        ``gates [T, k]`` (dtype of ``probs``, differentiable w.r.t. ``probs``,
-        descending) and ``idx [T, k]`` (int64 expert ids).
-
-    Renormalising makes the mixture weights independent of how much mass the
-    *unselected* experts received, so the layer's output scale does not shrink
-    when fewer experts are activated -- which is what lets one model serve any
-    ``k``.  The denominator is at least ``k/N > 0`` for a probability vector,
-    so no epsilon is added.
-    """
-    _, n = _check_probs(probs)
-    _check_int("k", k, 1, n)
-    vals, idx = torch.topk(probs, k, dim=-1)
-    gates = vals / vals.sum(dim=-1, keepdim=True)
-    return gates, idx
-
-
-def to_dense(
-    gates: torch.Tensor, idx: torch.Tensor, num_experts: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scatter ``[T, k]`` gates/indices to Megatron's dense ``[T, N]`` layout.
-
-    Returns ``(routing_map, probs_dense)``: ``routing_map`` is ``bool [T, N]``
-    (True where a token is sent to an expert) and ``probs_dense`` has the
-    dtype of ``gates`` with zeros outside the selection.  The scatter is
-    out-of-place, so gradients flow from ``probs_dense`` back to ``gates``.
-    ``idx`` must hold distinct experts per row (as produced by top-k or by
-    sampling without replacement); duplicates would be collapsed silently.
-
-    Note the order is the reverse of ``TopKRouter.routing``'s
-    ``(probs, routing_map)`` return value.
-    """
-    if gates.shape != idx.shape or gates.dim() != 2:
-        raise ValueError(
-            f"gates and idx must both be [T, k]; got {tuple(gates.shape)} and {tuple(idx.shape)}"
-        )
-    _check_int("num_experts", num_experts, max(1, gates.shape[1]))
-    t = gates.shape[0]
-    idx = idx.long()
-    probs_dense = torch.zeros(t, num_experts, dtype=gates.dtype, device=gates.device).scatter(
-        1, idx, gates
-    )
-    routing_map = torch.zeros(t, num_experts, dtype=torch.bool, device=gates.device).scatter(
-        1, idx, True
-    )
-    return routing_map, probs_dense
-
-
 def per_token_topk(
     probs: torch.Tensor, k_per_token: torch.Tensor, k_max: int, *, validate: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +166,7 @@ def per_token_topk(
     Args:
         probs: ``[T, N]`` softmax over all experts.
         k_per_token: ``[T]`` integer ``k_t`` with ``1 <= k_t <= k_max``
-            (e.g. from :func:`megatron_elastic.moe.schedules.top_p_k`).
+            (e.g. from :func:`top_p_k`).
         k_max: static upper bound (``<= N``); only the top ``k_max`` experts
             are ever considered, keeping the selection a fixed-shape op.
         validate: check the range of ``k_per_token``.  This reads values back
@@ -231,12 +277,9 @@ def sample_from_candidate_pool(
     return gates, idx
 
 
-_M64 = (1 << 64) - 1
-
-
 def _to_i64(x: int) -> int:
     """An unsigned 64-bit constant as the signed int64 torch stores."""
-    x &= _M64
+    x &= _MASK64
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
@@ -247,9 +290,9 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
     # int64 multiplication wraps modulo 2**64, exactly the unsigned arithmetic SplitMix64 needs.
-    z = x + _to_i64(0x9E3779B97F4A7C15)
-    z = (z ^ _srl(z, 30)) * _to_i64(0xBF58476D1CE4E5B9)
-    z = (z ^ _srl(z, 27)) * _to_i64(0x94D049BB133111EB)
+    z = x + _to_i64(_GOLDEN_GAMMA)
+    z = (z ^ _srl(z, 30)) * _to_i64(_MIX1)
+    z = (z ^ _srl(z, 27)) * _to_i64(_MIX2)
     return z ^ _srl(z, 31)
 
 
@@ -296,74 +339,6 @@ def hierarchical_router_loss(probs: torch.Tensor, coeff: float = 1.0) -> torch.T
     neg_entropy = (p * torch.log(p.clamp_min(tiny))).sum(dim=-1)  # sum_i p_i log p_i
     neg_kl = -(neg_entropy + math.log(n))  # = H(p) - log N = -KL(p || U)
     return coeff * neg_kl.mean()
-
-
-def switch_load_balancing_loss_variable_k(
-    probs: torch.Tensor,
-    routing_map: torch.Tensor,
-    k_used: Union[int, float, torch.Tensor, None] = None,
-    coeff: float = 1.0,
-    *,
-    tokens_per_expert: Optional[torch.Tensor] = None,
-    total_num_tokens: Optional[Union[int, torch.Tensor]] = None,
-) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss normalised by the ``k`` actually used.
-
-    Computes exactly what Megatron-core's
-    ``moe_utils.switch_load_balancing_loss_func`` (unfused path) computes::
-
-        N * coeff / (k * T**2) * sum_i (sum_t probs[t, i]) * tokens_per_expert[i]
-          = N * coeff * sum_i f_i * P_i,
-        f_i = tokens_per_expert[i] / (T * k),   P_i = mean_t probs[t, i]
-
-    but with ``k`` = the number of experts the tokens were really routed to
-    this step, so that ``sum_i f_i = 1`` and the loss keeps its scale (1 at
-    perfect balance, ``N`` at total collapse onto one expert) whatever ``k``
-    the schedule drew.  Using Megatron's fixed ``moe_router_topk`` with a
-    routing map at a different ``k`` would scale the loss by ``k_used/topk``.
-
-    Args:
-        probs: ``[T, N]`` full softmax over all experts (Megatron feeds its
-            ``scores_for_aux_loss``, i.e. float32 softmax of the logits, not
-            the renormalised combine weights).  Gradient flows only through
-            this argument.
-        routing_map: ``bool [T, N]`` of the experts actually activated.
-        k_used: ``int``/``float`` for a layer-wide ``k``; a ``[T]`` tensor of
-            per-token ``k`` (top-p), reduced to its mean -- the mean is the
-            normaliser that makes ``sum_i f_i = 1``; or ``None`` to infer
-            ``k = sum(tokens_per_expert) / total_num_tokens`` (the same mean,
-            and also correct when counts are globally reduced).
-        coeff: ``moe_aux_loss_coeff``.
-        tokens_per_expert: ``[N]`` counts; default ``routing_map.sum(0)``.  Pass
-            the TP/CP-reduced counts to mirror Megatron's distributed version.
-        total_num_tokens: ``T`` matching ``tokens_per_expert``'s level;
-            default ``probs.shape[0]``.
-    """
-    t, n = _check_probs(probs)
-    if routing_map.shape != probs.shape:
-        raise ValueError(
-            f"routing_map shape {tuple(routing_map.shape)} != probs shape {tuple(probs.shape)}"
-        )
-    if tokens_per_expert is None:
-        tokens_per_expert = routing_map.sum(dim=0)
-    elif tokens_per_expert.shape != (n,):
-        raise ValueError(f"tokens_per_expert must have shape [{n}]")
-    if total_num_tokens is None:
-        total_num_tokens = t
-    if k_used is None:
-        k = tokens_per_expert.sum().to(probs.dtype) / total_num_tokens
-    elif isinstance(k_used, torch.Tensor):
-        k = k_used.to(device=probs.device, dtype=probs.dtype).mean()
-    elif isinstance(k_used, (int, float)) and not isinstance(k_used, bool):
-        if not k_used > 0:
-            raise ValueError(f"k_used must be > 0, got {k_used}")
-        k = k_used
-    else:
-        raise ValueError(f"k_used must be a number, a tensor or None, got {k_used!r}")
-    aggregated_probs_per_expert = probs.sum(dim=0)
-    return torch.sum(aggregated_probs_per_expert * tokens_per_expert) * (
-        n * coeff / (k * total_num_tokens * total_num_tokens)
-    )
 
 
 def expert_cooccurrence(routing_map: torch.Tensor) -> torch.Tensor:

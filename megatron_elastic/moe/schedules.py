@@ -31,7 +31,7 @@ Determinism without communication
 ---------------------------------
 Every draw uses a fresh CPU :class:`torch.Generator` seeded from
 ``(seed, iteration, microbatch, layer)`` through a fixed integer hash
-(SplitMix64 chaining, :func:`derive_seed`).  Consequences:
+(SplitMix64 chaining, :func:`routing_math.derive_seed`).  Consequences:
 
 * all ranks (TP / PP / EP / DP) compute the same ``k`` for the same coordinates
   without exchanging anything -- essential because a mismatch between ranks of
@@ -48,82 +48,27 @@ process for ``str`` and therefore not reproducible across ranks.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
+
+from megatron_elastic.moe.routing_math import _check_k_range, _check_p, derive_seed, top_p_k  # noqa: F401
 
 __all__ = [
     "SCHEDULES",
     "DISTRIBUTIONS",
-    "splitmix64",
     "derive_seed",
-    "make_generator",
     "k_distribution",
-    "top_p_k",
+    "top_p_k",  # lives in routing_math with the other pure routing functions
     "KSampler",
 ]
 
 SCHEDULES = ("fixed", "batch", "microbatch", "layerwise", "top_p")
 DISTRIBUTIONS = ("uniform", "weighted")
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-
 # Domain-separation tag so the seeds used to draw ``k`` never coincide with
 # seeds another component derives from the same coordinates via derive_seed().
 _K_DRAW_TAG = 0x4B5F5343484544  # ASCII "K_SCHED"
-
-
-def splitmix64(x: int) -> int:
-    """One step of Vigna's SplitMix64: advance ``x`` by the golden gamma and mix.
-
-    A tiny, well-studied 64-bit bijective mixer; consecutive integers map to
-    statistically independent outputs, which is exactly what is needed to turn
-    structured coordinates (iteration 0, 1, 2, ...) into unrelated seeds.
-    Pure Python integer arithmetic, so the result is identical on every
-    platform, Python build and torch version.
-    """
-    z = (x + _GOLDEN_GAMMA) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def derive_seed(*values: int) -> int:
-    """Hash an ordered tuple of integers into a 63-bit seed.
-
-    Chains SplitMix64 over the values (``state = splitmix64(state ^ v)``).
-    Order matters and tuples of different lengths give unrelated seeds.
-    Negative integers are folded in two's complement.  The result is kept
-    below ``2**63`` so it is a valid seed for any consumer (torch, numpy).
-
-    Other components (e.g. the EMoE per-token candidate sampling) can use this
-    to derive their own rank-consistent generators; they should include a
-    distinct leading tag to keep their streams independent of the k draws.
-    """
-    state = 0
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"derive_seed expects ints, got {type(v).__name__}: {v!r}")
-        state = splitmix64(state ^ (v & _MASK64))
-    return state >> 1
-
-
-def make_generator(*values: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh :class:`torch.Generator` on ``device`` seeded with ``derive_seed(*values)``."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(*values))
-    return g
-
-
-def _check_k_range(k_min: int, k_max: int) -> None:
-    for name, v in (("k_min", k_min), ("k_max", k_max)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must be an int, got {v!r}")
-    if k_min < 1:
-        raise ValueError(f"k_min must be >= 1, got {k_min}")
-    if k_max < k_min:
-        raise ValueError(f"k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
 
 
 def _check_tau(tau: float) -> None:
@@ -131,11 +76,6 @@ def _check_tau(tau: float) -> None:
         raise ValueError(f"tau must be a finite positive number, got {tau!r}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-
-
-def _check_p(p: float) -> None:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
-        raise ValueError(f"top-p threshold must lie in (0, 1], got {p!r}")
 
 
 def k_distribution(
@@ -160,49 +100,6 @@ def k_distribution(
     if distribution == "weighted":
         return torch.softmax(torch.log(ks) / tau, dim=0)
     raise ValueError(f"unknown k distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
-
-
-def top_p_k(
-    probs: torch.Tensor,
-    p: float,
-    k_min: int,
-    k_max: int,
-    *,
-    is_sorted: bool = False,
-    atol: float = 1e-6,
-) -> torch.Tensor:
-    """Per-token ``k``: the smallest ``k`` whose top-``k`` probability mass reaches ``p``.
-
-    Args:
-        probs: ``[..., N]`` router probabilities (softmax over all experts).
-            If ``is_sorted`` is True the last dim is assumed already sorted in
-            descending order (saves a sort when the caller has one).
-        p: mass threshold in ``(0, 1]``.
-        k_min, k_max: clip range; ``k_max`` must not exceed ``N``.
-        atol: tolerance on the cumulative mass.  Low-precision probabilities
-            rarely sum exactly to the hand value (``0.5 + 0.3`` in float32 is
-            not exactly ``0.8``), so a cumulative mass within ``atol`` of ``p``
-            counts as reaching it.  The sum is accumulated in float64.
-
-    Returns:
-        ``LongTensor[...]`` with values in ``[k_min, k_max]``; no gradient.
-
-    Example: probs ``[0.5, 0.3, 0.1, 0.1]`` -> ``p=0.5: 1``, ``p=0.7: 2``,
-    ``p=0.8: 2``, ``p=0.85: 3``, ``p=1.0: 4``.
-    """
-    _check_p(p)
-    _check_k_range(k_min, k_max)
-    if probs.dim() < 1:
-        raise ValueError("probs must have at least one dimension (experts last)")
-    n = probs.shape[-1]
-    if k_max > n:
-        raise ValueError(f"k_max={k_max} exceeds the number of experts {n}")
-    with torch.no_grad():
-        sorted_probs = probs if is_sorted else torch.sort(probs, dim=-1, descending=True).values
-        cum = torch.cumsum(sorted_probs.to(torch.float64), dim=-1)
-        # Number of prefixes that are still short of p, plus one = first prefix reaching p.
-        k = (cum < (p - atol)).sum(dim=-1) + 1
-        return k.clamp_(min=k_min, max=k_max).to(torch.long)
 
 
 class KSampler:
@@ -340,10 +237,6 @@ class KSampler:
         # Guard against cdf[-1] rounding to slightly below 1.0.
         idx = min(idx, self._cdf.numel() - 1)
         return self.k_min + idx
-
-    def ks_for_layers(self, iteration: int, microbatch: int, layers: Sequence[int]) -> List[int]:
-        """``[k_for(iteration, microbatch, l) for l in layers]`` (convenience for logging)."""
-        return [self.k_for(iteration, microbatch, layer) for layer in layers]
 
     def __repr__(self) -> str:
         extra = ""

@@ -88,6 +88,12 @@ class Logger:
             f"grad_norm {stats['grad_norm']:.4f}",
             f"tokens/s {stats['tokens_per_s']:.0f}",
         ]
+        if "tflops_per_device" in stats:
+            parts.append(f"TFLOP/s/dev {stats['tflops_per_device']:.4g}")
+        if "mfu" in stats:
+            parts.append(f"MFU {100 * stats['mfu']:.1f}%")
+        if "peak_mem_gib" in stats:
+            parts.append(f"peak mem {stats['peak_mem_gib']:.2f} GiB")
         for name, values in moe.items():
             if name == "k":
                 parts.append("k " + ",".join(f"{v:g}" for v in values))

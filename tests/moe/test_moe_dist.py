@@ -17,7 +17,7 @@ candidate-pool size k_ideal, counted both by the dispatcher and by a wrapper aro
 ``torch.distributed.all_to_all_single``.
 
 The worker functions are module-level (spawned processes import this module); the builders come
-from ``test_elastic_moe_layer``.
+from ``tests/moe_builders.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from test_elastic_moe_layer import (
+from moe_builders import (  # noqa: F401 (single_process: fixture requested by name)
     BATCH,
     HIDDEN,
     SEQ,
@@ -38,13 +38,17 @@ from test_elastic_moe_layer import (
     make_cfg,
     make_input,
     reset_moe_globals,
+    single_process,
 )
 
 from helpers import run_distributed
 
+from megatron_elastic.device import policy
+
 pytestmark = [
     pytest.mark.multiproc,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo compat-layer tests"),
+    # On a GPU machine every rank needs its own GPU (NCCL refuses two ranks on one device).
+    pytest.mark.skipif(policy().cuda and torch.cuda.device_count() < 4, reason="needs 4 GPUs under NCCL"),
 ]
 
 ITERATIONS = (0, 1, 2)
@@ -153,18 +157,8 @@ def _count_dispatch_bytes(rank: int, world_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------- reference (this process)
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_elastic import parallel
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    parallel.destroy()
-    parallel.initialize(make_cfg())
-    yield
-    reset_moe_globals()
-    parallel.destroy()
-    torch.set_num_threads(threads)
+# The reference runs in this process under moe_builders' one-process parallel state, requested by
+# name (not autouse: the fixture is imported for the tests that ask for it).
 
 
 def _reference(name: str, world_size: int) -> List[dict]:
