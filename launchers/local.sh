@@ -34,9 +34,19 @@
 # still exits 75 if every rank saved. Ctrl-C (SIGINT) aborts without a checkpoint.
 #
 # How the exit code survives torchrun: each rank runs in a small bash wrapper
-# (rank_main below) that records the rank's exit code in a status directory and
-# maps 75 -> 0 (torchrun treats any non-zero exit as a failure, kills the other
-# ranks and always exits 1). This script then decides from those statuses.
+# (rank_main below) that records the rank's exit code and the time it ended in a
+# status directory and maps 75 -> 0 (torchrun treats any non-zero exit as a
+# failure, kills the other ranks and always exits 1). This script then decides
+# from those statuses.
+#
+# On failure: torchrun's ChildFailedError traceback is replaced by one line, and
+# this script names the rank that failed FIRST (by the time its exit was
+# recorded; a rank killed by a signal shows as e.g. "killed by SIGKILL") with the
+# first error line that rank printed ("error [rank N]: ..." from the entry
+# point's checks, else the last exception line of its traceback), e.g.
+#   FAILED: rank 1 exited with 2 (first to fail; torchrun exit 1): error [rank 1]: ...
+# The other ranks were stopped by torchrun (exit 143) or failed because their
+# peer was gone; their own lines stay above in the output.
 #
 # Environment knobs:
 #   PYTHON          interpreter [$VIRTUAL_ENV/$CONDA_PREFIX python if one is
@@ -46,6 +56,9 @@
 #   TORCHRUN_ARGS   extra torchrun options (word-split), e.g.
 #                   "--log-dir runs/x/torchrun --tee 3" for per-rank log files
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  see above [600]
+#   MEGATRON_ELASTIC_TIMEOUT_S  collective timeout in seconds (overrides
+#                   parallel.distributed_timeout_minutes): how long a rank waits
+#                   for a peer that hangs before it fails
 set -uo pipefail
 
 REQUEUE_EXIT_CODE=75
@@ -127,19 +140,36 @@ CMD=("$PYTHON" "${ENTRY[@]}" --config "$CONFIG" "${OVERRIDES[@]}")
 # the whole rank the same way.
 rank_main() {
     local dir=$LOCAL_LAUNCH_STATUS_DIR rc
+    # A copy of the rank's stderr for the failure report. The copier starts while the stop
+    # signals are ignored (an ignored disposition survives exec), so a signal to the rank's
+    # process group never cuts off what the rank prints while it stops.
+    trap '' TERM USR1 INT HUP
+    exec 2> >(tee -a "$dir/rank-$RANK.err" >&2)
     trap ':' TERM USR1 INT HUP
     # (not $$: torchrun substitutes ${local_rank}-style macros, turning "$$" into "$")
     echo "$BASHPID" >"$dir/rank-$RANK.pgid"
     "$@"
     rc=$?
-    echo "$rc" >"$dir/rank-$RANK.exit.tmp" && mv "$dir/rank-$RANK.exit.tmp" "$dir/rank-$RANK.exit"
+    echo "$rc $(date +%s.%N)" >"$dir/rank-$RANK.exit.tmp" && mv "$dir/rank-$RANK.exit.tmp" "$dir/rank-$RANK.exit"
     ((rc == REQUEUE_EXIT_CODE)) && exit 0  # not a failure: keep torchrun from killing peers
     exit "$rc"
 }
 RANK_SCRIPT="$(declare -f rank_main)
 rank_main \"\$@\""
 
-TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --max-restarts 0)
+# torchrun itself (torch.distributed.run's main), minus the ChildFailedError traceback it
+# prints when a rank fails: this script reports the failure from the ranks' own statuses.
+TORCHRUN_PY='import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as exc:
+    rank, failure = exc.get_first_failure()
+    print(f"torchrun: rank {rank} failed first (exit code {failure.exitcode}); stopped the others",
+          file=sys.stderr)
+    sys.exit(1)'
+TORCHRUN=("$PYTHON" -c "$TORCHRUN_PY" --standalone --nproc-per-node "$NPROC" --max-restarts 0)
 if [[ -n "${TORCHRUN_ARGS:-}" ]]; then
     read -r -a _extra <<<"$TORCHRUN_ARGS"
     TORCHRUN+=("${_extra[@]}")
@@ -189,19 +219,39 @@ while :; do
 done
 
 # --- outcome, from the per-rank exit codes ------------------------------------
-n_ok=0 n_requeue=0 first_fail="" first_fail_rc=""
+n_ok=0 n_requeue=0 first_fail="" first_fail_rc="" first_fail_time=""
 for ((r = 0; r < NPROC; r++)); do
     f=$STATUS_DIR/rank-$r.exit
-    rc=$( [[ -s $f ]] && cat "$f" || echo "")
+    rc="" when=""
+    [[ -s $f ]] && read -r rc when <"$f"
     case $rc in
         0) n_ok=$((n_ok + 1)) ;;
         "$REQUEUE_EXIT_CODE") n_requeue=$((n_requeue + 1)) ;;
         "") ;;
-        *) if [[ -z $first_fail ]] || [[ $f -ot $STATUS_DIR/rank-$first_fail.exit ]]; then
-               first_fail=$r first_fail_rc=$rc
+        *) if [[ -z $first_fail ]] || awk -v a="$when" -v b="$first_fail_time" 'BEGIN { exit !(a < b) }'; then
+               first_fail=$r first_fail_rc=$rc first_fail_time=$when
            fi ;;
     esac
 done
+
+# How rank $1 ended, in words: "exited with 2", "was killed by SIGKILL (exit 137)".
+describe_exit() {
+    local rc=$1 name
+    if ((rc > 128)) && name=$(kill -l "$((rc - 128))" 2>/dev/null); then
+        echo "was killed by SIG$name (exit $rc)"
+    else
+        echo "exited with $rc"
+    fi
+}
+# The first error line rank $1 printed: the entry point's "error [rank N]: ..." line, else the
+# last line of a Python traceback ("SomeError: ..."), else nothing.
+first_error_line() {
+    local f=$STATUS_DIR/rank-$1.err line
+    [[ -s $f ]] || return 0
+    line=$(grep -m1 -E '^error( \[rank [0-9]+\])?: ' "$f")
+    [[ -n $line ]] || line=$(grep -E '^(\[rank[0-9]+\]: )?[A-Za-z_.]*(Error|Exception|Interrupt)(: |$)' "$f" | tail -n 1)
+    printf '%s' "${line:0:600}"
+}
 
 if ((n_requeue > 0 && n_ok + n_requeue == NPROC)); then
     log "all ranks stopped after saving a checkpoint: exit $REQUEUE_EXIT_CODE (run again to resume)"
@@ -212,7 +262,8 @@ if ((n_ok == NPROC)); then
     exit 0
 fi
 if [[ -n $first_fail ]]; then
-    log "FAILED: rank $first_fail exited with $first_fail_rc (torchrun exit $torchrun_rc)"
+    why=$(first_error_line "$first_fail")
+    log "FAILED: rank $first_fail $(describe_exit "$first_fail_rc") (first to fail; torchrun exit $torchrun_rc)${why:+: $why}"
     exit "$first_fail_rc"
 fi
 log "FAILED: torchrun exited with $torchrun_rc ($((NPROC - n_ok - n_requeue)) rank(s) left no exit code: killed or never started)"

@@ -1,5 +1,15 @@
-"""Data tooling: the tokenizer wrapper used by training and by ``tools/preprocess_data.py``.
+"""Data: reading documents, building corpora, tokenizers, Megatron .bin/.idx, training datasets.
 
-The tokenizer is not re-exported here on purpose: importing it pulls in ``megatron.core`` (several
-seconds), and code that only needs, say, the corpus builder should not pay for that.
+One job per module:
+
+* ``documents``  -- the jsonl/text reader every tool uses, and ``DataError`` (stdlib only);
+* ``corpus``     -- a jsonl corpus from the Python standard library's sources (stdlib only);
+* ``tokenizer_training`` -- training a lossless sentencepiece model;
+* ``tokenizer``  -- the sentencepiece wrapper megatron-core's datasets accept;
+* ``preprocess`` -- documents -> Megatron ``.bin``/``.idx`` (+ the ``.meta.json`` record);
+* ``meta``       -- that record, and the sampled token-range check for data without one;
+* ``datasets``   -- training datasets, addressed micro-batches, blend parsing, vocabulary checks.
+
+Nothing is re-exported here on purpose: several modules import ``megatron.core`` (seconds), and
+code that only needs, say, the corpus builder should not pay for that.
 """

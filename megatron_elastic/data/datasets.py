@@ -1,4 +1,7 @@
-"""Training data: Megatron indexed datasets through megatron-core's blended dataset builder.
+"""What the trainer reads: Megatron indexed datasets, addressed micro-batches, vocabulary checks.
+
+Datasets come from megatron-core's blended dataset builder (``GPTDataset``); ``check_vocabulary``
+refuses, before the model is built, a tokenizer or data whose ids do not fit the model.
 
 ``data.data_path`` uses Megatron-LM's blend syntax (``[prefix]`` or ``[w1, p1, w2, p2, ...]``) and
 ``data.split`` its train/valid/test split string, so data prepared for Megatron-LM works as is.
@@ -111,3 +114,49 @@ def _as_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     return torch.from_numpy(np.asarray(x))
+
+
+def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
+    """The embedding rows the model gets: model.vocab_size, else the tokenizer's size padded."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from megatron_elastic.models.gpt import padded_vocab_size
+
+    return padded_vocab_size(tokenizer_vocab_size, cfg.model.make_vocab_size_divisible_by,
+                             cfg.parallel.tensor_model_parallel_size)
+
+
+def check_vocabulary(cfg: Config, tokenizer) -> int:
+    """Refuse, before the model is built, a tokenizer or data whose ids do not fit the model.
+
+    The tokenizer must have at most as many pieces as the model has embedding rows, and every
+    dataset's largest token id must be below that: from the ``<prefix>.meta.json`` that
+    tools/preprocess_data.py writes, else from a sample of the ``.bin`` (data from other tools).
+    Returns the model's vocabulary size.
+    """
+    from megatron_elastic.data.meta import dataset_token_range
+
+    vocab = model_vocab_size(cfg, tokenizer.vocab_size)
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(
+            f"data.tokenizer_model={cfg.data.tokenizer_model} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={vocab}: set model.vocab_size >= {tokenizer.vocab_size} (or null to "
+            "use the tokenizer's size, padded)"
+        )
+    prefixes, _ = parse_blend(cfg.data.data_path)
+    for prefix in prefixes:
+        found = dataset_token_range(prefix)
+        if found.max_token_id < vocab:
+            continue
+        if found.source == "sidecar":
+            origin = (f"(per {prefix}.meta.json: tokenized with {found.tokenizer_model}, "
+                      f"{found.vocab_size} pieces)")
+        else:
+            origin = f"(found in a sample of {found.tokens_read} tokens of {prefix}.bin)"
+        raise ConfigError(
+            f"data.data_path: {prefix} holds token id {found.max_token_id} {origin} but the model "
+            f"vocabulary has {vocab} entries (ids 0..{vocab - 1}): re-run tools/preprocess_data.py "
+            f"with data.tokenizer_model={cfg.data.tokenizer_model}, or set model.vocab_size > "
+            f"{found.max_token_id}"
+        )
+    return vocab

@@ -41,7 +41,8 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
 
     Raises:
         FileNotFoundError: the model file does not exist.
-        ValueError: the model has no EOS piece, so there is no end-of-document id to use.
+        ValueError: the file is not a sentencepiece model, or the model has no EOS piece, so
+            there is no end-of-document id to use.
     """
 
     def __init__(self, model_path: Union[str, Path]) -> None:
@@ -58,7 +59,15 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         rebuilds from the bytes rather than re-reading a path that may not exist there.
         """
         self._model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:
+            # sentencepiece only says "INTERNAL: ... ParseFromArray(...)" for any unreadable bytes.
+            raise ValueError(
+                f"tokenizer {self.path} is not a sentencepiece model (sentencepiece cannot parse its "
+                f"{len(model_proto)} bytes): point at the .model file written by "
+                "tools/train_tokenizer.py (not the .vocab), or retrain it"
+            ) from None
         if self._sp.eos_id() < 0:
             raise ValueError(
                 f"sentencepiece model {self.path} has no EOS piece (eos_id=-1), so it has no "

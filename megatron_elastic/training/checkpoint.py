@@ -1,22 +1,38 @@
-"""Checkpoints in Megatron-core's distributed format, with an atomic ``latest`` tracker.
+"""Checkpoints in Megatron-core's distributed format: durable, verified, with an atomic tracker.
 
 Layout (Megatron-LM's names, so its tooling recognises a run directory)::
 
     <save>/latest_checkpointed_iteration.txt    iteration of the newest *complete* save
     <save>/iter_0000200/                        megatron.core.dist_checkpointing directory
     <save>/iter_0000200/run_config.yaml         the config that produced it (human-readable)
+    <save>/iter_0000200/manifest.json           every file's name, size (and CRC32; written last)
 
-A save writes ``iter_N.partial`` first, renames it to ``iter_N`` once every rank has finished,
-and only then replaces the tracker (write temp file, fsync, ``os.replace``). A save interrupted at
-any point, by a crash or a second preemption signal, therefore leaves the previous checkpoint and
-the tracker untouched. Contents: model and optimizer (sharded), iteration, consumed samples,
-config, and every rank's RNG states; the learning rate is a function of the iteration and the data
-position is the iteration (see training/data.py), so nothing else is needed for an exact resume.
+A save writes ``iter_N.partial`` first. Once every rank has finished, each rank records the size
+(with ``checkpoint.checksum``: also the CRC32) of the files it wrote (``__<rank>_*.distcp``; rank
+0 the rest) and fsyncs them; rank 0 writes ``manifest.json``, fsyncs the directory, renames it to
+``iter_N``, fsyncs the parent, and only then replaces the tracker (write temp file, fsync, ``os.replace``, fsync the parent). A save
+interrupted at any point, by a crash, a lost node or a second preemption signal, therefore leaves
+the previous checkpoint and the tracker untouched, and what the tracker names is on disk.
+
+A re-save of an existing iteration moves the old directory aside (``iter_N.old``), renames the
+new one in, updates the tracker, then deletes the aside copy; a reader that finds the tracker's
+``iter_N`` missing uses ``iter_N.old`` (the swap was interrupted between its two renames).
+
+A load checks the manifest first (missing files such as ``common.pt``, sizes, CRC32s) and names the
+damaged file and the newest complete earlier checkpoint; ``checkpoint.fallback_to_last_good``
+loads that one instead. Checkpoints without a manifest (older saves, other tools) load unchecked.
+
+The files-on-disk half (layout, tracker, fsync, manifest, publish, retention) is
+``checkpoint_files.py``; this module is the save and load protocol over Megatron's
+dist_checkpointing.
+
+Contents: model and optimizer (sharded), iteration, consumed samples, config, and every rank's RNG
+states; the learning rate is a function of the iteration and the data position is the iteration
+(see megatron_elastic/data/datasets.py), so nothing else is needed for an exact resume.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,58 +43,32 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_elastic.config import Config, save_config
 from megatron_elastic.device import policy
-
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iter_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def read_tracker(root) -> Optional[int]:
-    """The newest complete iteration under ``root``, or None when there is none."""
-    path = Path(root) / TRACKER
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if text == "release":
-        return 0
-    try:
-        iteration = int(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from exc
-    if not iter_dir(root, iteration).is_dir():
-        raise CheckpointError(
-            f"{path} points at iteration {iteration} but {iter_dir(root, iteration)} is missing"
-        )
-    return iteration
-
-
-def _write_tracker(root: Path, iteration: int) -> None:
-    tmp = root / f".{TRACKER}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+from megatron_elastic.training.checkpoint_files import (  # noqa: F401 (re-exported)
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    Damage,
+    FALLBACK_HINT,
+    ITER_RE,
+    MANIFEST,
+    PARTIAL_SUFFIX,
+    TRACKER,
+    TrackerError,
+    barrier,
+    fsync_tree,
+    iter_dir,
+    last_good_checkpoint,
+    publish,
+    read_tracker,
+    retain,
+    seal,
+    sibling,
+    this_rank,
+    tracked_checkpoint,
+    verify,
+    verify_checkpoint,
+    world_size,
+    write_manifest,
+)
 
 
 def _rng_state() -> dict:
@@ -96,14 +86,14 @@ def _state_dict(model, optimizer, cfg: Config, iteration: int, with_rng: bool, f
         "iteration": iteration,
         "consumed_samples": iteration * cfg.train.global_batch_size,
         "config": cfg.to_dict(),
-        "world_size": _world(),
+        "world_size": world_size(),
         "checkpoint_version": CHECKPOINT_VERSION,
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=for_load)
     if with_rng:
         state["rng_state"] = ShardedObject(
-            "rng_state", _rng_state(), (_world(),), (_rank(),), replica_id=0
+            "rng_state", _rng_state(), (world_size(),), (this_rank(),), replica_id=0
         )
     return state
 
@@ -156,38 +146,78 @@ def save_checkpoint(root, model, optimizer, cfg: Config, iteration: int) -> Path
     protect_checkpoint_writer()
     root = Path(root)
     final = iter_dir(root, iteration)
-    partial = final.with_name(final.name + ".partial")
-    if _rank() == 0:
+    partial = sibling(final, PARTIAL_SUFFIX)
+    if this_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial)  # debris of an interrupted save of this iteration
         partial.mkdir()
-    _barrier()
+    barrier()
     state = _state_dict(model, optimizer, cfg, iteration, with_rng=True, for_load=False)
     dist_checkpointing.save(state, str(partial))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if this_rank() == 0:
         save_config(cfg, partial / "run_config.yaml")
-        if final.exists():
-            # Re-saving an iteration (e.g. after a resume): swap, then drop the old copy.
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(partial, final)
-        _write_tracker(root, iteration)
-    _barrier()
+    checksum = bool(cfg.checkpoint.checksum)
+    entries = seal(partial, checksum)
+    if dist.is_initialized():
+        gathered: list = [None] * world_size()
+        dist.all_gather_object(gathered, entries)
+        entries = {name: e for part in gathered for name, e in part.items()}
+    if this_rank() == 0:
+        write_manifest(partial, iteration, entries, checksum)
+        fsync_tree(partial)
+        publish(root, partial, final, iteration)
+        retain(root, iteration, cfg.checkpoint.keep_last)
+    barrier()
     return final
 
 
-def resolve_load_dir(path) -> Optional[Path]:
-    """``path`` may be a run's checkpoint root (uses the tracker) or one ``iter_N`` directory."""
+def _damaged(problem: str, root: Path, below: Optional[int], fallback: bool, hint: str) -> Path:
+    """Raise the one-line error for a damaged checkpoint, or return the earlier one to load."""
+    earlier = last_good_checkpoint(root, below)
+    if earlier is None:
+        where = "below it" if below is not None else "at all"
+        raise CheckpointError(
+            f"{problem}; {root} holds no complete earlier checkpoint {where}: restore the file from a "
+            "copy, or point checkpoint.load elsewhere"
+        )
+    if not fallback:
+        raise CheckpointError(f"{problem}; the newest complete earlier checkpoint is {earlier} ({hint})")
+    if this_rank() == 0:
+        print(f"warning: {problem}; loading the newest complete earlier checkpoint {earlier} instead",
+              flush=True)
+    return earlier
+
+
+def verified_dir(directory, fallback_to_last_good: bool = False, hint: str = FALLBACK_HINT) -> Path:
+    """``directory`` (one ``iter_N``) if it matches its manifest; else the one-line CheckpointError
+    naming the bad file and the newest complete earlier sibling, or that sibling on fallback."""
+    directory = Path(directory)
+    try:
+        verify(directory)
+    except Damage as damage:
+        m = ITER_RE.match(directory.name)
+        return _damaged(f"checkpoint {directory} is damaged: {damage.problem}", directory.parent,
+                        int(m.group(1)) if m else None, fallback_to_last_good, hint)
+    return directory
+
+
+def resolve_load_dir(path, fallback_to_last_good: bool = False, hint: str = FALLBACK_HINT) -> Optional[Path]:
+    """``path`` may be a run's checkpoint root (uses the tracker) or one ``iter_N`` directory.
+
+    The directory found is checked against its manifest. A damaged one (or a damaged tracker)
+    raises CheckpointError naming the bad file and the newest complete earlier checkpoint, or,
+    with ``fallback_to_last_good``, returns that earlier checkpoint. ``hint`` tells the reader how
+    to ask for the fallback in the calling tool.
+    """
     path = Path(path)
-    if path.name.endswith(".partial"):
+    if path.name.endswith(PARTIAL_SUFFIX):
         raise CheckpointError(f"{path} is an interrupted save; load its parent directory instead")
+    if (path / MANIFEST).is_file():
+        # A manifest is written only after every file of the save: whatever is missing now
+        # (.metadata included) was lost afterwards, and the manifest check names it.
+        return verified_dir(path, fallback_to_last_good, hint)
     if (path / "metadata.json").is_file():
         # Megatron writes metadata.json and common.pt first and the tensor index (.metadata) last:
         # only the latter proves the save finished.
@@ -199,16 +229,47 @@ def resolve_load_dir(path) -> Optional[Path]:
         return path
     if not path.exists():
         return None
-    iteration = read_tracker(path)
-    if iteration is None:
-        partials = sorted(p.name for p in path.glob("iter_*.partial"))
+    try:
+        tracked = tracked_checkpoint(path)
+    except TrackerError as exc:
+        return _damaged(str(exc), path, exc.iteration, fallback_to_last_good, hint)
+    if tracked is None:
+        partials = sorted(p.name for p in path.glob(f"iter_*{PARTIAL_SUFFIX}"))
         if partials:
             raise CheckpointError(
                 f"{path} has no complete checkpoint (only interrupted saves: {', '.join(partials)}); "
                 "delete them or point checkpoint.load elsewhere"
             )
         return None
-    return iter_dir(path, iteration)
+    iteration, directory = tracked
+    try:
+        verify(directory)
+    except Damage as damage:
+        # below the tracker's iteration (the directory may be the aside copy ``iter_N.old``)
+        return _damaged(f"checkpoint {directory} is damaged: {damage.problem}", path, iteration,
+                        fallback_to_last_good, hint)
+    return directory
+
+
+def _resolve_collectively(path, fallback: bool) -> Optional[Path]:
+    """Rank 0 resolves and verifies (one read of the checkpoint, one decision); the rest follow."""
+    if not dist.is_initialized() or world_size() == 1:
+        return resolve_load_dir(path, fallback)
+    outcome: list = [None]
+    if this_rank() == 0:
+        try:
+            found = resolve_load_dir(path, fallback)
+            outcome[0] = ("ok", None if found is None else str(found))
+        except CheckpointError as exc:
+            outcome[0] = ("error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - never leave the other ranks waiting
+            outcome[0] = ("error", f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}")
+    device = policy().device if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(outcome, src=0, device=device)
+    status, value = outcome[0]
+    if status == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
 
 
 def check_compatible(ckpt_dir: Path, model) -> None:
@@ -239,7 +300,7 @@ def check_compatible(ckpt_dir: Path, model) -> None:
 
 def _warn_config_drift(saved: dict, cfg: Config, ckpt_dir: Path, finetune: bool) -> None:
     """A resume with a changed schedule or batch silently changes the run; say so, on rank 0."""
-    if finetune or _rank() != 0:
+    if finetune or this_rank() != 0:
         return
     now = cfg.to_dict()
     changed = [
@@ -258,14 +319,14 @@ def load_checkpoint(path, model, optimizer, cfg: Config, finetune: bool = False)
 
     Returns 0 when ``path`` holds no checkpoint yet (a fresh run with load == save).
     """
-    ckpt_dir = resolve_load_dir(path)
+    ckpt_dir = _resolve_collectively(path, cfg.checkpoint.fallback_to_last_good)
     if ckpt_dir is None:
         return 0
     check_compatible(ckpt_dir, model)
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     iteration = int(common.get("iteration", 0))
     _warn_config_drift(common.get("config") or {}, cfg, ckpt_dir, finetune)
-    same_world = common.get("world_size") == _world()
+    same_world = common.get("world_size") == world_size()
     load_optimizer = optimizer is not None and not finetune
     template = _state_dict(
         model,

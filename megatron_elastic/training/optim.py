@@ -203,10 +203,34 @@ class MegatronOptimizer:
         self.optimizer.zero_grad()
 
     def step(self, lr: float) -> Tuple[bool, float]:
-        for group in self.optimizer.param_groups:
+        """Returns (applied, grad_norm); a non-finite norm skips the update.
+
+        Megatron's ``step()`` skips only on an fp16 loss-scale overflow: in bf16 or fp32 it
+        clips with a NaN norm (a no-op, NaN < 1 is false) and applies NaN gradients. So this is
+        its ChainedOptimizer.step with the norm checked between clipping and the update: the
+        same calls in the same order, and the norm (one all-reduce) computed once.
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        for group in opt.param_groups:
             group["lr"] = lr
-        applied, grad_norm, _ = self.optimizer.step()
-        return bool(applied), float(grad_norm) if grad_norm is not None else float("nan")
+        if opt.prepare_grads():  # fp16: inf/NaN found while unscaling
+            return False, float("nan")
+        grad_norm = opt.get_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        for sub in getattr(opt, "chained_optimizers", [opt]):
+            if getattr(sub, "is_stub_optimizer", False):
+                continue
+            params = sub.get_parameters()
+            if params and sub.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+        return bool(opt.step_with_ready_grads()), grad_norm
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)

@@ -1,8 +1,10 @@
 """Tests for the data tooling: corpus building, tokenizer training, Megatron preprocessing.
 
-One small corpus (a seeded sample of stdlib files) and one small BPE tokenizer are built per
-session and shared, so the whole file stays fast on two CPU cores. The tools' ``main`` functions
-are called in-process for most checks; ``test_command_line_pipeline`` runs all three as
+The logic lives in ``megatron_elastic.data`` (``corpus``, ``tokenizer_training``, ``preprocess``,
+``documents``); ``tools/*.py`` are its command lines. One small corpus (a seeded sample of stdlib
+files) and one small BPE tokenizer are built per session and shared, so the whole file stays fast
+on two CPU cores. The tools' ``main`` functions are called in-process for most checks (exit codes
+and messages included); ``test_command_line_pipeline`` runs all three as
 subprocesses so the documented command lines themselves are exercised.
 """
 
@@ -19,14 +21,11 @@ from pathlib import Path
 import numpy
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from helpers import REPO
 
 
 def _load_tool(name: str):
-    """Import ``tools/{name}.py`` (tools/ is not a package). Registered in ``sys.modules`` so the
-    preprocessing worker pool can pickle its functions by reference."""
+    """Import ``tools/{name}.py`` (tools/ is not a package), registered in ``sys.modules``."""
     module_name = f"_data_tools_{name}"
     spec = importlib.util.spec_from_file_location(module_name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -129,7 +128,7 @@ def test_build_corpus_without_seed_keeps_sorted_order(tmp_path):
 
 def test_build_corpus_rejects_limits_that_leave_nothing(tmp_path, capsys):
     out = tmp_path / "none.jsonl"
-    assert build_corpus.main(["--output", str(out), "--max-bytes", "1"]) == 1
+    assert build_corpus.main(["--output", str(out), "--max-bytes", "1"]) == 2
     assert "--max-bytes" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -229,23 +228,23 @@ def test_train_tokenizer_errors_name_the_fix(tmp_path, capsys, corpus_docs):
         return code, capsys.readouterr().err
 
     code, err = run("--input", str(tmp_path / "missing.jsonl"))
-    assert code == 1 and "input file not found" in err and "missing.jsonl" in err
+    assert code == 2 and "input file not found" in err and "missing.jsonl" in err
 
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": ""}])
     code, err = run("--input", str(empty))
-    assert code == 1 and "empty corpus" in err
+    assert code == 2 and "empty corpus" in err
 
     tiny = write_jsonl(tmp_path / "tiny.jsonl", [{"text": corpus_docs[0][:2000]}])
     code, err = run("--input", str(tiny), "--vocab-size", "50000")
-    assert code == 1 and "--vocab-size 50000 is too large" in err and "Lower --vocab-size" in err
+    assert code == 2 and "--vocab-size 50000 is too large" in err and "Lower --vocab-size" in err
 
     code, err = run("--input", str(tiny), "--vocab-size", "100")
-    assert code == 1 and "too small" in err and "Raise --vocab-size" in err
+    assert code == 2 and "too small" in err and "Raise --vocab-size" in err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": 7}\n')
     code, err = run("--input", str(bad), "--vocab-size", "300")
-    assert code == 1 and f"{bad}:3" in err and "expected a string" in err
+    assert code == 2 and f"{bad}:3" in err and "expected a string" in err
     assert not (tmp_path / "out" / "spm.model").exists()
 
 
@@ -282,7 +281,14 @@ def test_preprocess_round_trip_through_indexed_dataset(
         tokens = dataset[i].tolist()
         assert tokens == tokenizer.encode(text) + [tokenizer.eod]
         assert tokenizer.decode(tokens) == text  # eod decodes to nothing
-    assert produced_files(tmp_path) == ["data_text_document.bin", "data_text_document.idx"]
+    assert produced_files(tmp_path) == [
+        "data_text_document.bin", "data_text_document.idx", "data_text_document.meta.json"]
+    # The vocabulary record the trainer checks before its first step.
+    meta = json.loads((tmp_path / "data_text_document.meta.json").read_text())
+    all_tokens = numpy.concatenate([dataset[i] for i in range(len(dataset))])
+    assert meta["max_token_id"] == int(all_tokens.max()) and meta["tokens"] == all_tokens.size
+    assert meta["vocab_size"] == tokenizer.vocab_size and meta["documents"] == len(expected)
+    assert meta["tokenizer_model"] == str(Path(tokenizer_model).resolve())
 
 
 def test_preprocess_without_eod_and_with_other_json_key(tmp_path, tokenizer, tokenizer_model):
@@ -327,17 +333,17 @@ def test_preprocess_malformed_input_names_file_and_line(
 
     code = preprocess(tmp_path, tokenizer_model, [data], "--workers", workers, "--chunk-lines", "2")
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert f"{data}:5:" in err and message in err
     assert produced_files(tmp_path) == []  # no .bin/.idx and no temporary files
 
 
 def test_preprocess_missing_input_and_empty_input(tmp_path, capsys, tokenizer_model):
-    assert preprocess(tmp_path, tokenizer_model, [tmp_path / "nope.jsonl"]) == 1
+    assert preprocess(tmp_path, tokenizer_model, [tmp_path / "nope.jsonl"]) == 2
     assert "input file not found" in capsys.readouterr().err
 
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}])
-    assert preprocess(tmp_path, tokenizer_model, [empty]) == 1
+    assert preprocess(tmp_path, tokenizer_model, [empty]) == 2
     assert "no non-empty documents" in capsys.readouterr().err
     assert produced_files(tmp_path) == []
 
