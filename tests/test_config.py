@@ -84,3 +84,79 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/recipe.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr=0"], "train.lr=0.0 must be > 0"),
+        (["train.lr=-1e-3"], "train.lr=-0.001 must be > 0"),
+        (["train.min_lr=1e-2", "train.lr=1e-3"], "train.min_lr=0.01 must lie in [0, train.lr=0.001]: lower train.min_lr"),
+        (["train.min_lr=-1"], "train.min_lr=-1.0 must lie in [0, train.lr="),
+        (["train.lr_warmup_iters=400", "train.train_iters=300"],
+         "train.lr_warmup_iters=400 exceeds train.train_iters=300: the learning rate would never reach "
+         "train.lr; set train.lr_warmup_iters <= 300"),
+        (["train.lr_warmup_iters=400", "train.lr_decay_iters=300"], "exceeds train.lr_decay_iters=300"),
+        (["train.lr_warmup_iters=-1"], "train.lr_warmup_iters=-1 must be >= 0"),
+        (["model.hidden_dropout=1.0"], "model.hidden_dropout=1.0 must lie in [0, 1)"),
+        (["model.attention_dropout=-0.1"], "model.attention_dropout=-0.1 must lie in [0, 1)"),
+        (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be >= 0"),
+        (["train.clip_grad=-1"], "train.clip_grad=-1.0 must be >= 0 (0 = no clipping)"),
+        (["train.adam_beta1=1.0"], "train.adam_beta1=1.0 must lie in [0, 1)"),
+        (["train.adam_beta2=-0.5"], "train.adam_beta2=-0.5 must lie in [0, 1)"),
+        (["train.adam_eps=0"], "train.adam_eps=0.0 must be > 0"),
+        (["train.eval_iters=-1"], "train.eval_iters=-1 must be >= 0"),
+        (["train.max_consecutive_skips=-2"], "train.max_consecutive_skips=-2 must be >= 0"),
+        (["model.init_method_std=0"], "model.init_method_std=0.0 must be > 0"),
+        (["model.vocab_size=1001", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+         "model.vocab_size=1001 is not divisible by parallel.tensor_model_parallel_size=2"),
+        (["parallel.distributed_timeout_minutes=0"], "parallel.distributed_timeout_minutes=0.0 must be > 0"),
+        (["model.moe_router_load_balancing_type=balanced"], "moe_router_load_balancing_type='balanced' is not one of"),
+        (["model.moe_pad_expert_input_to_capacity=true"],
+         "moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor"),
+        (["model.moe_expert_capacity_factor=1.0", "model.moe_router_load_balancing_type=sinkhorn"],
+         "does not work with model.moe_router_load_balancing_type=sinkhorn"),
+        (["model.moe_expert_capacity_factor=0"], "moe_expert_capacity_factor=0.0 must be > 0"),
+        (["model.moe_aux_loss_coeff=-1"], "model.moe_aux_loss_coeff=-1.0 must be >= 0"),
+        # Megatron's TransformerConfig: "Please use --moe-router-pre-softmax when topk is 1".
+        (["model.moe_router_topk=1", "elastic.k_min=1", "elastic.k_max=1", "elastic.pool_ratio=null"],
+         "model.moe_router_topk=1 (elastic k range [1, 1]) with renormalised softmax gates "
+         "(model.moe_router_pre_softmax=false)"),
+    ],
+)
+def test_numeric_ranges_and_moe_settings_are_rejected(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_what_megatron_accepts_is_not_rejected():
+    """Only what would crash is refused: top-1 with pre-softmax gates, elastic schedules that
+    draw k = 1 for some layers (they route through ElasticRouter, Megatron sees k_max), a
+    warmup longer than a run that stops early within a longer schedule (launchers/smoke.sh),
+    and a fractional collective timeout."""
+    load_config(SMOKE, ["model.moe_router_topk=1", "elastic.k_min=1", "elastic.k_max=1",
+                        "elastic.pool_ratio=null", "model.moe_router_pre_softmax=true"])
+    cfg = load_config(SMOKE, ["model.moe_router_topk=2", "elastic.schedule=layerwise", "elastic.k_min=1",
+                              "elastic.k_max=2", "elastic.pool_ratio=null"])
+    assert cfg.buffer_k == 2
+    load_config(SMOKE, ["train.train_iters=10", "train.lr_warmup_iters=20", "train.lr_decay_iters=300"])
+    cfg = load_config(SMOKE, ["parallel.distributed_timeout_minutes=0.25", "train.clip_grad=0",
+                              "train.weight_decay=0", "train.eval_iters=0", "train.max_consecutive_skips=0"])
+    assert cfg.parallel.distributed_timeout_minutes == 0.25
+
+
+def test_collective_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from megatron_elastic.parallel import collective_timeout
+
+    cfg = load_config(SMOKE, ["parallel.distributed_timeout_minutes=0.5"])
+    monkeypatch.delenv("MEGATRON_ELASTIC_TIMEOUT_S", raising=False)
+    assert collective_timeout(cfg) == timedelta(seconds=30)
+    monkeypatch.setenv("MEGATRON_ELASTIC_TIMEOUT_S", "7.5")
+    assert collective_timeout(cfg) == timedelta(seconds=7.5)
+    monkeypatch.setenv("MEGATRON_ELASTIC_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match=r"MEGATRON_ELASTIC_TIMEOUT_S='soon' must be a positive number of seconds"):
+        collective_timeout(cfg)

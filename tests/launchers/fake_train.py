@@ -2,7 +2,7 @@
 
 Usage (what launchers/slurm/pretrain.sbatch runs on every rank):
 
-    python tests/slurm/fake_train.py --config CONFIG.yaml [key=value ...]
+    python tests/launchers/fake_train.py --config CONFIG.yaml [key=value ...]
 
 It follows the same contract as the real entry point (megatron_elastic.train):
 

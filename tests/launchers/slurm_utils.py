@@ -1,6 +1,6 @@
 """Helpers to drive a (test) Slurm cluster from Python tests.
 
-Used with tests/slurm/cluster.sh (a real single-host cluster) but written for
+Used with tests/launchers/cluster.sh (a real single-host cluster) but written for
 any cluster reachable through SLURM_CONF / the default config. There is no
 slurmdbd (no sacct): job state and exit codes come from `scontrol show job -o`
 (kept for MinJobAge seconds after the job ends).
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
+CLUSTER_SH = REPO_ROOT / "tests" / "launchers" / "cluster.sh"
 PRETRAIN_SBATCH = REPO_ROOT / "launchers" / "slurm" / "pretrain.sbatch"
-FAKE_TRAIN = REPO_ROOT / "tests" / "slurm" / "fake_train.py"
+FAKE_TRAIN = REPO_ROOT / "tests" / "launchers" / "fake_train.py"
 
 # Exit code of the training entry point meaning "checkpoint saved, requeue me"
 # (REQUEUE_EXIT_CODE in launchers/slurm/pretrain.sbatch).
@@ -53,7 +53,7 @@ def in_ci() -> bool:
 
 
 def why_cluster_unavailable() -> str | None:
-    """None if tests/slurm/cluster.sh can be expected to work here, else why not."""
+    """None if tests/launchers/cluster.sh can be expected to work here, else why not."""
     if not os.uname().sysname == "Linux":
         return "the test Slurm cluster needs Linux"
     if os.geteuid() != 0:
@@ -167,7 +167,7 @@ class SlurmCluster:
     conf: Path
     extra_env: dict[str, str] = field(default_factory=dict)
 
-    # -- lifecycle (tests/slurm/cluster.sh) ---------------------------------
+    # -- lifecycle (tests/launchers/cluster.sh) ---------------------------------
     @classmethod
     def at(cls, dir: str | os.PathLike) -> "SlurmCluster":
         d = Path(dir).resolve()

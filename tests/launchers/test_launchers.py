@@ -1,7 +1,7 @@
 """The launchers with the REAL training entry point (python -m megatron_elastic.train).
 
 * Slurm (launchers/slurm/pretrain.sbatch on the single-host test cluster of
-  tests/slurm/cluster.sh, 2 nodes x 1 CPU rank): a short run, and a preemption
+  tests/launchers/cluster.sh, 2 nodes x 1 CPU rank): a short run, and a preemption
   (`scancel --batch --signal=USR1`) -> checkpoint -> requeue -> resume whose loss
   trajectory must equal an uninterrupted run's, printed to 6 decimals.
 * Outside Slurm (launchers/local.sh -n 2, i.e. torchrun): SIGTERM mid-run -> exit 75 +
@@ -26,8 +26,7 @@ import pytest
 
 from helpers import REPO, free_port, tiny_overrides
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
-import slurm_utils as su  # noqa: E402
+import slurm_utils as su
 
 LOCAL_SH = REPO / "launchers" / "local.sh"
 CONFIG = "configs/smoke.yaml"
@@ -320,6 +319,13 @@ def test_world_size_mismatch(smoke_data, tmp_path):
     for rank in (0, 1):
         assert (f"error [rank {rank}]: world size 2 is not divisible by expert x expert-tensor x "
                 f"pipeline parallel size = 4: launch a multiple of 4 processes") in out, su.tail(out, 60)
+    # local.sh repeats the first failing rank's error line once, in its report, and torchrun's
+    # ChildFailedError traceback is gone.
+    report = [line for line in out.splitlines() if "FAILED: rank" in line]
+    assert len(report) == 1 and re.search(
+        r"FAILED: rank [01] exited with 2 \(first to fail; torchrun exit 1\): error \[rank [01]\]: world "
+        r"size 2 is not divisible", report[0]), su.tail(out, 60)
+    assert "ChildFailedError" not in out and "Traceback (most recent call last)" not in out, su.tail(out, 60)
 
 
 @pytest.mark.slow
@@ -358,3 +364,25 @@ def test_checkpoint_dir_not_writable(smoke_data, tmp_path):
     proc = entry_point(overrides, {})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error [rank 0]: checkpoint.save={save} is not writable on this node" in proc.stderr
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_local_tensor_parallel_sequence_parallel_trains_saves_and_exports(smoke_data, tmp_path):
+    """The command a new user types for TP on a laptop: local.sh -n 2 with TP 2 + sequence
+    parallel trains, saves, and the Hugging Face export reads the TP-sharded checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    overrides = tiny_overrides(smoke_data, tmp_path, **{
+        "parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": "true",
+        "train.train_iters": 3, "checkpoint.save": str(ckpt),
+        "elastic.schedule": "layerwise", "elastic.k_min": 1, "elastic.k_max": 2,
+        "elastic.pool_ratio": 2.0, "elastic.router_loss_coeff": 1e-4})
+    rc, out = run_local(2, overrides, tmp_path / "local.log", timeout=300)
+    assert rc == 0, su.tail(out, 60)
+    assert "(tp 2," in out and "saved checkpoint at iteration 3" in out
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--load", str(ckpt), "--output",
+                           str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True,
+                          env=runner_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert list((tmp_path / "hf").glob("*.safetensors"))

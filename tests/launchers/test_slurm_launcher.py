@@ -1,10 +1,10 @@
 """launchers/slurm/pretrain.sbatch on a REAL single-host Slurm cluster.
 
-tests/slurm/cluster.sh brings up slurmctld + 2 slurmd (nodes n1, n2) from
+tests/launchers/cluster.sh brings up slurmctld + 2 slurmd (nodes n1, n2) from
 Debian's packages (installed on demand; needs root). Outside CI the tests are
 skipped when that is impossible; with CI=true that is a failure.
 
-The training entry point is the stand-in tests/slurm/fake_train.py (a real
+The training entry point is the stand-in tests/launchers/fake_train.py (a real
 2-process gloo rendezvous, SIGUSR1/SIGTERM -> checkpoint + exit 75), which
 starts in a second and lets these tests probe the launcher's protocol (signal
 routes, time-limit warning, scancel, failure report) quickly. The same launcher
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
-import slurm_utils as su  # noqa: E402
+import slurm_utils as su
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

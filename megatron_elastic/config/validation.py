@@ -1,0 +1,309 @@
+"""Validation: every check a run config can fail, each error naming the key and the fix.
+
+``validate(cfg)`` checks what a config can get wrong on its own; ``validate_world(cfg, n)`` checks
+the parallel layout against the number of processes, known only at launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron_elastic.config.sections import ConfigError
+from megatron_elastic.moe.schedules import DISTRIBUTIONS, SCHEDULES
+
+
+def validate(cfg) -> None:
+    """Everything a config can get wrong on its own; resolves the defaults that depend on other
+    sections (expert-tensor-parallel size, the elastic k range and seed) first."""
+    m, p, t, e = cfg.model, cfg.parallel, cfg.train, cfg.elastic
+    if p.expert_tensor_parallel_size is None:
+        p.expert_tensor_parallel_size = p.tensor_model_parallel_size
+    # The elastic section owns its resolved values from here on (see ElasticConfig).
+    if e.k_min is None:
+        e.k_min = m.moe_router_topk
+    if e.k_max is None:
+        e.k_max = m.moe_router_topk
+    if e.seed is None:
+        e.seed = t.seed
+    _positive(cfg, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                     "model.num_query_groups", "model.seq_length", "model.num_moe_experts",
+                     "model.moe_ffn_hidden_size", "model.moe_router_topk",
+                     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                     "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",
+                     "parallel.context_parallel_size", "train.micro_batch_size",
+                     "train.global_batch_size", "train.train_iters", "logging.log_interval"])
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}: choose query groups that divide the heads"
+        )
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}: change one, or set model.kv_channels explicitly"
+        )
+    tp = p.tensor_model_parallel_size
+    for key, value in (("num_attention_heads", m.num_attention_heads),
+                       ("num_query_groups", m.num_query_groups)):
+        if value % tp:
+            raise ConfigError(
+                f"model.{key}={value} is not divisible by parallel.tensor_model_parallel_size={tp}"
+            )
+    if m.num_moe_experts % p.expert_model_parallel_size:
+        raise ConfigError(
+            f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
+            f"parallel.expert_model_parallel_size={p.expert_model_parallel_size}: every expert "
+            "parallel rank must hold the same number of experts"
+        )
+    if m.moe_router_topk > m.num_moe_experts:
+        raise ConfigError(
+            f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_moe_experts={m.num_moe_experts}"
+        )
+    if p.pipeline_model_parallel_size != 1:
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size must be 1: pipeline parallelism is not "
+            "supported by this trainer yet; use tensor/expert/data parallelism"
+        )
+    if p.context_parallel_size != 1:
+        raise ConfigError("parallel.context_parallel_size must be 1 (not supported yet)")
+    if tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size > 1 with MoE layers requires "
+            "parallel.sequence_parallel=true (Megatron-core refuses MoE training under TP "
+            "without it)"
+        )
+    if p.expert_tensor_parallel_size < tp and p.expert_model_parallel_size == 1:
+        # Megatron marks expert weights for the expert-data-parallel reduction only when
+        # EP > 1; with EP = 1 they are reduced over the data-parallel group alone, so the
+        # partial gradients that each tensor-parallel rank's sequence slice produces would
+        # never be summed over TP and the replicas would drift apart.
+        raise ConfigError(
+            f"parallel.expert_tensor_parallel_size={p.expert_tensor_parallel_size} < "
+            f"parallel.tensor_model_parallel_size={tp} needs parallel.expert_model_parallel_size"
+            f" > 1: set expert_tensor_parallel_size={tp} (the default) or use expert parallelism"
+        )
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if m.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+        raise ConfigError(
+            f"model.moe_token_dispatcher_type={m.moe_token_dispatcher_type!r}: use 'alltoall' "
+            "(elastic k) or 'allgather'"
+        )
+    if m.moe_router_score_function not in ("softmax", "sigmoid"):
+        raise ConfigError("model.moe_router_score_function must be 'softmax' or 'sigmoid'")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be positive (or null)")
+    ck = cfg.checkpoint
+    if ck.keep_last is not None and (isinstance(ck.keep_last, bool) or ck.keep_last < 1):
+        raise ConfigError(
+            f"checkpoint.keep_last={ck.keep_last} must be >= 1 (or null to keep every save)"
+        )
+    if t.lr_decay_style not in ("cosine", "linear", "constant"):
+        raise ConfigError("train.lr_decay_style must be one of cosine, linear, constant")
+    _validate_ranges(cfg)
+    _validate_moe(cfg)
+    _validate_elastic(cfg)
+
+def _validate_ranges(cfg) -> None:
+    """Numeric ranges: each value that would make training meaningless or crash later."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0 (e.g. train.lr=3e-4)")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(
+            f"train.min_lr={t.min_lr} must lie in [0, train.lr={t.lr}]: lower train.min_lr"
+        )
+    if t.lr_warmup_iters < 0:
+        raise ConfigError(f"train.lr_warmup_iters={t.lr_warmup_iters} must be >= 0")
+    # The schedule spans lr_decay_iters when set (a run may stop early at train_iters and be
+    # resumed, as launchers/smoke.sh does), else train_iters.
+    span_key = "train.lr_decay_iters" if t.lr_decay_iters is not None else "train.train_iters"
+    span = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
+    if t.lr_warmup_iters > span:
+        raise ConfigError(
+            f"train.lr_warmup_iters={t.lr_warmup_iters} exceeds {span_key}={span}: the learning "
+            f"rate would never reach train.lr; set train.lr_warmup_iters <= {span}"
+        )
+    for key, value in (("model.hidden_dropout", m.hidden_dropout),
+                       ("model.attention_dropout", m.attention_dropout)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1) (0 = no dropout)")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0 (0 = none)")
+    if t.clip_grad < 0:
+        raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 = no clipping)")
+    for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1) (typical: 0.9 and 0.95)")
+    if not t.adam_eps > 0:
+        raise ConfigError(f"train.adam_eps={t.adam_eps} must be > 0 (e.g. 1e-8)")
+    for key, value in (("train.eval_iters", t.eval_iters), ("train.eval_interval", t.eval_interval),
+                       ("train.max_consecutive_skips", t.max_consecutive_skips),
+                       ("data.num_workers", cfg.data.num_workers)):
+        if value is None or value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not m.init_method_std > 0:
+        raise ConfigError(f"model.init_method_std={m.init_method_std} must be > 0 (e.g. 0.02)")
+    if not m.norm_epsilon > 0:
+        raise ConfigError(f"model.norm_epsilon={m.norm_epsilon} must be > 0 (e.g. 1e-5)")
+    if m.make_vocab_size_divisible_by < 1:
+        raise ConfigError(
+            f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1"
+        )
+    if m.vocab_size is not None:
+        if m.vocab_size < 1:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} must be positive (or null)")
+        if m.vocab_size % p.tensor_model_parallel_size:
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is not divisible by "
+                f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: Megatron "
+                "splits the embedding evenly; pad model.vocab_size or set it to null"
+            )
+    if not p.distributed_timeout_minutes > 0:
+        raise ConfigError(
+            f"parallel.distributed_timeout_minutes={p.distributed_timeout_minutes} must be > 0"
+        )
+
+def _validate_moe(cfg) -> None:
+    """MoE settings Megatron-core asserts on while building the model, refused up front."""
+    m = cfg.model
+    lb_types = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+    if m.moe_router_load_balancing_type not in lb_types:
+        raise ConfigError(
+            f"model.moe_router_load_balancing_type={m.moe_router_load_balancing_type!r} is not "
+            f"one of {', '.join(lb_types)}"
+        )
+    if m.moe_aux_loss_coeff < 0:
+        raise ConfigError(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} must be >= 0")
+    if m.moe_z_loss_coeff is not None and m.moe_z_loss_coeff < 0:
+        raise ConfigError(f"model.moe_z_loss_coeff={m.moe_z_loss_coeff} must be >= 0 (or null)")
+    if m.moe_router_dtype not in (None, "fp32", "fp64"):
+        raise ConfigError(
+            f"model.moe_router_dtype={m.moe_router_dtype!r} must be fp32, fp64 or null"
+        )
+    if m.moe_expert_capacity_factor is not None:
+        if not m.moe_expert_capacity_factor > 0:
+            raise ConfigError(
+                f"model.moe_expert_capacity_factor={m.moe_expert_capacity_factor} must be > 0 "
+                "(or null for no token dropping)"
+            )
+        if m.moe_router_load_balancing_type == "sinkhorn":
+            raise ConfigError(
+                "model.moe_expert_capacity_factor does not work with "
+                "model.moe_router_load_balancing_type=sinkhorn: use aux_loss, or set the "
+                "capacity factor to null"
+            )
+    elif m.moe_pad_expert_input_to_capacity:
+        raise ConfigError(
+            "model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor"
+            " (e.g. 1.0): set one, or set the padding to false"
+        )
+    # Megatron's TransformerConfig refuses top-1 routing with renormalised softmax gates: the
+    # single selected expert's gate is softmax over one logit, always 1, so the router would
+    # get no gradient from the language-model loss. It sees the largest k any step routes
+    # with (buffer_k); elastic schedules that draw k = 1 for some layers and steps (k_max > 1)
+    # route those through ElasticRouter and are fine (README: gate semantics).
+    if (cfg.buffer_k == 1 and m.moe_router_score_function == "softmax"
+            and not m.moe_router_pre_softmax and m.moe_router_load_balancing_type != "sinkhorn"):
+        raise ConfigError(
+            "model.moe_router_topk=1 (elastic k range [1, 1]) with renormalised softmax gates "
+            "(model.moe_router_pre_softmax=false) gives every token a gate of 1 and the router "
+            "no gradient (Megatron-core refuses it): set model.moe_router_pre_softmax=true, or "
+            "train a k range with elastic.k_max > 1"
+        )
+
+def _validate_elastic(cfg) -> None:
+    e, m = cfg.elastic, cfg.model
+    n = m.num_moe_experts
+    if e.schedule not in SCHEDULES:
+        raise ConfigError(f"elastic.schedule={e.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if e.distribution not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"elastic.distribution={e.distribution!r} is not one of {', '.join(DISTRIBUTIONS)}"
+        )
+    k_min, k_max = cfg.elastic_k_min, cfg.elastic_k_max
+    if not 1 <= k_min <= n or not 1 <= k_max <= n:
+        raise ConfigError(
+            f"elastic k range [{k_min}, {k_max}] must lie within [1, model.num_moe_experts={n}]"
+        )
+    if k_min > k_max:
+        raise ConfigError(f"elastic.k_min={k_min} is larger than elastic.k_max={k_max}")
+    if e.schedule == "fixed" and k_min != k_max:
+        raise ConfigError(
+            "elastic.schedule=fixed trains one k: set k_min == k_max (or leave both unset to use "
+            "model.moe_router_topk), or pick a varying schedule such as layerwise"
+        )
+    if e.tau <= 0:
+        raise ConfigError(f"elastic.tau={e.tau} must be positive")
+    if e.schedule == "top_p":
+        if e.top_p is None or not 0 < e.top_p <= 1:
+            raise ConfigError("elastic.schedule=top_p needs elastic.top_p in (0, 1]")
+        if e.pool_ratio is not None:
+            raise ConfigError(
+                "elastic.schedule=top_p does not combine with elastic.pool_ratio (the candidate "
+                "pool needs one k per layer to size it): set elastic.pool_ratio=null, or use "
+                "a per-layer schedule such as layerwise with the pool"
+            )
+    if e.pool_ratio is not None:
+        if e.pool_ratio < 1:
+            raise ConfigError(f"elastic.pool_ratio={e.pool_ratio} must be >= 1")
+        pool = pool_size(k_max, e.pool_ratio)
+        if pool > n:
+            raise ConfigError(
+                f"elastic candidate pool k_ideal=ceil(pool_ratio*k_max)={pool} exceeds "
+                f"model.num_moe_experts={n}: lower elastic.pool_ratio or elastic.k_max"
+            )
+    if e.router_loss_coeff < 0:
+        raise ConfigError("elastic.router_loss_coeff must be >= 0")
+    if e.eval_k is not None:
+        ks = e.eval_k if isinstance(e.eval_k, list) else [e.eval_k]
+        if isinstance(e.eval_k, list) and len(ks) != m.num_layers:
+            raise ConfigError(
+                f"elastic.eval_k lists {len(ks)} values but the model has {m.num_layers} layers"
+            )
+        for k in ks:
+            if not isinstance(k, int) or not 1 <= k <= n:
+                raise ConfigError(f"elastic.eval_k value {k!r} must be an int in [1, {n}]")
+
+
+def validate_world(cfg, world_size: int) -> int:
+    """Check the parallel layout against the process count; return the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+            f"size = {model_parallel}: launch a multiple of {model_parallel} processes"
+        )
+    expert_parallel = (
+        p.expert_model_parallel_size * p.expert_tensor_parallel_size * p.pipeline_model_parallel_size
+    )
+    if world_size % expert_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by expert x expert-tensor x pipeline "
+            f"parallel size = {expert_parallel}: launch a multiple of {expert_parallel} processes"
+        )
+    dp = world_size // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data parallel size={dp}: pick a "
+            f"global batch that is a multiple of {t.micro_batch_size * dp}"
+        )
+    return dp
+
+
+def pool_size(k: int, pool_ratio: float) -> int:
+    """k_ideal before clipping to the expert count (the router uses candidate_pool_size)."""
+    return max(k, math.ceil(pool_ratio * k - 1e-9))
+
+
+def _positive(cfg, keys):
+    for dotted in keys:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None or value < 1:
+            raise ConfigError(f"{dotted}={value} must be a positive integer")
