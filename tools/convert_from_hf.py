@@ -53,25 +53,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    import warnings
+    from megatron_elastic.convert.cli import EXIT_USER_ERROR, quiet_megatron_imports, run_conversion
 
-    # Megatron-core announces its fallbacks on every import; they do not affect conversion.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_elastic.config import ConfigError
-    from megatron_elastic.convert import ConversionError
+    quiet_megatron_imports()
     from megatron_elastic.convert.from_hf import convert_hf_to_megatron
-    from megatron_elastic.training.checkpoint import CheckpointError
 
-    try:
-        result = convert_hf_to_megatron(
-            args.hf_dir, args.output,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            config_out=args.config_out, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (ConversionError, ConfigError, CheckpointError) as exc:
-        print(f"convert_from_hf.py: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_conversion("convert_from_hf.py", lambda: convert_hf_to_megatron(
+        args.hf_dir, args.output,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        config_out=args.config_out, overwrite=args.overwrite, progress=not args.no_progress,
+    ))
+    if result is None:
+        return EXIT_USER_ERROR
     print(
         f"imported {result.architecture}: {result.num_tensors} tensors in {result.seconds:.1f}s -> "
         f"{result.checkpoint_dir}\n  recipe: {result.config_path}"

@@ -11,7 +11,8 @@ the elastic schedule under ``elastic_moe``), safetensors shards + index, tokeniz
 generation_config.json. The checkpoint is streamed one layer at a time (see docs/hf_conversion.md
 for the memory bound); ``--report-memory`` prints the measured peak.
 
-Exit status: 0 on success, 2 on a conversion error (the message says what to fix).
+Exit status: 0 on success, 2 on a conversion error or a damaged checkpoint (one line naming the bad
+file and the newest complete earlier checkpoint; ``--fallback-to-last-good`` exports that one).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None,
                         help="recipe YAML describing the model, for checkpoints that do not record their config")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--fallback-to-last-good", action="store_true",
+                        help="if the checkpoint fails its manifest check (a missing, truncated or corrupt "
+                             "file), export the newest complete earlier one instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--report-memory", action="store_true",
                         help="print the peak resident memory the conversion added (Linux, /proc)")
@@ -72,12 +76,9 @@ def _reset_peak_rss() -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    import warnings
+    from megatron_elastic.convert.cli import EXIT_USER_ERROR, quiet_megatron_imports, run_conversion
 
-    # Megatron-core announces its fallbacks on every import; they do not affect conversion.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_elastic.convert import ConversionError
-    from megatron_elastic.config import ConfigError
+    quiet_megatron_imports()
     from megatron_elastic.convert.to_hf import convert_megatron_to_hf, preload, warm_up
 
     measuring = False
@@ -89,15 +90,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         measuring = _reset_peak_rss()
         baseline = _rss_kib("VmRSS")
     tokenizer = False if args.no_tokenizer else args.tokenizer_model
-    try:
-        result = convert_megatron_to_hf(
-            args.load, args.output, architecture=args.architecture, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, tokenizer_model=tokenizer, config=args.config,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (ConversionError, ConfigError) as exc:
-        print(f"convert_to_hf.py: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_conversion("convert_to_hf.py", lambda: convert_megatron_to_hf(
+        args.load, args.output, architecture=args.architecture, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, tokenizer_model=tokenizer, config=args.config,
+        overwrite=args.overwrite, progress=not args.no_progress,
+        fallback_to_last_good=args.fallback_to_last_good,
+    ))
+    if result is None:
+        return EXIT_USER_ERROR
     mib = 1024 * 1024
     print(
         f"exported iteration {result.iteration} as {result.architecture}: {result.num_tensors} tensors, "

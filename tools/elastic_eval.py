@@ -7,7 +7,8 @@ and top-p threshold, plus the EMoE expert co-occurrence diagnostic.
 
 Writes ``elastic_eval.txt`` (the printed table), ``elastic_eval.json`` and ``elastic_eval.png``.
 The model shape comes from the checkpoint's own ``run_config.yaml`` unless ``--config`` is given.
-Implementation: ``megatron_elastic/eval/elastic_eval.py``; usage: ``docs/elastic_eval.md``.
+Implementation: ``megatron_elastic/eval/`` (the method: ``elastic_eval.py``; the command line:
+``cli.py``); usage: ``docs/elastic_eval.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_elastic.eval.elastic_eval import main  # noqa: E402
+from megatron_elastic.eval.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

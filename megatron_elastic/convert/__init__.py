@@ -8,6 +8,12 @@
   globally or per layer, and read the per-layer k the export recorded.
 * ``hf_tokenizer``: the project's lossless sentencepiece model as a ``tokenizer.json``.
 
+The pieces both directions are built from: ``megatron_checkpoint`` (locate and verify a
+checkpoint, recover its run config, read its tensors one layer at a time), ``hf_reader``
+(safetensors weights of an HF directory), ``hf_writer`` (safetensors shards, index, atomic commit
+of the output directory), ``hf_config`` (Megatron run config <-> config.json), ``mapping`` (tensor
+names and layouts per architecture) and ``cli`` (what the two command lines share).
+
 Imports are lazy so ``import megatron_elastic.convert`` stays cheap (the CLIs parse arguments
 before paying for torch/transformers).
 """

@@ -486,29 +486,3 @@ def canonical_param_name(name: str) -> str:
     name = re.sub(r"mlp\.linear_fc1\.layer_norm_weight$", "pre_mlp_layernorm.weight", name)
     name = re.sub(r"mlp\.experts\.linear_fc(\d)\.weight(\d+)$", r"mlp.experts.local_experts.\2.linear_fc\1.weight", name)
     return name
-
-
-def mapping_table(arch: str, qk_layernorm: Optional[bool] = None) -> List[Tuple[str, str]]:
-    """(Megatron name, Hugging Face name) rows for layer 0 / expert 0 (documentation, tests)."""
-    qk = arch == "qwen3_moe" if qk_layernorm is None else qk_layernorm
-    n = hf_layer_names(arch, 0, qk)
-    gate, up, down = hf_expert_names(arch, 0, 0)
-    p = "decoder.layers.0."
-    rows = [
-        ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-        (p + "input_layernorm.weight", n["input_layernorm"]),
-        (p + "self_attention.linear_qkv.weight", f"{n['q']} + {n['k']} + {n['v']}"),
-        (p + "self_attention.linear_proj.weight", n["o"]),
-    ]
-    if qk:
-        rows += [(p + "self_attention.q_layernorm.weight", n["q_norm"]),
-                 (p + "self_attention.k_layernorm.weight", n["k_norm"])]
-    rows += [
-        (p + "pre_mlp_layernorm.weight", n["post_attention_layernorm"]),
-        (p + "mlp.router.weight", n["router"]),
-        (expert_name(0, 0, 1), f"{gate} (rows 0..I) + {up} (rows I..2I)"),
-        (expert_name(0, 0, 2), down),
-        ("decoder.final_layernorm.weight", "model.norm.weight"),
-        ("output_layer.weight", "lm_head.weight"),
-    ]
-    return rows

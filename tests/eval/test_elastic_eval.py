@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import REPO, run_tool, tiny_overrides
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 RECIPES = ("topk", "mmoe_layerwise", "emoe", "elastic_combined")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +72,7 @@ def test_recipes_have_distinct_run_dirs():
 
 # ---------------------------------------------------------------------- argument parsing
 def test_parse_helpers():
-    from megatron_elastic.eval.elastic_eval import EvalError, parse_budgets, parse_ks, parse_top_ps
+    from megatron_elastic.eval.settings import EvalError, parse_budgets, parse_ks, parse_top_ps
 
     assert parse_ks("1,2,3,4") == [1, 2, 3, 4]
     assert parse_ks("3-5,1, 3") == [1, 3, 4, 5]
@@ -92,7 +88,7 @@ def test_parse_helpers():
 
 def test_default_ks_cap_at_expert_count():
     from megatron_elastic.config import load_config
-    from megatron_elastic.eval.elastic_eval import default_ks
+    from megatron_elastic.eval.settings import default_ks
 
     assert default_ks(load_config(_recipe("topk"))) == [1, 2, 3, 4]
     assert default_ks(load_config(_recipe("mmoe_layerwise"))) == list(range(1, 9))
@@ -115,7 +111,7 @@ def _fake_checkpoint(tmp_path: Path, num_layers: int = 2, experts: int = 8) -> P
 
 
 def _main(argv, capsys):
-    from megatron_elastic.eval.elastic_eval import main
+    from megatron_elastic.eval.cli import main
 
     rc = main(argv)
     captured = capsys.readouterr()
@@ -176,7 +172,7 @@ def _synthetic_results() -> dict:
 
 
 def test_table_json_plot_from_results(tmp_path):
-    from megatron_elastic.eval.elastic_eval import write_outputs
+    from megatron_elastic.eval.report import write_outputs
 
     results = _synthetic_results()
     results["results"][0]["ppl"] = float("inf")  # non-finite numbers must not break strict JSON
@@ -269,8 +265,8 @@ def test_elastic_eval_on_recipe_checkpoint(recipe, trained, tmp_path, capsys):
         if e["kind"] == "budget":
             assert e["k_per_layer"] == e["budget"]
             assert e["mean_k_per_layer"] == pytest.approx(e["budget"], abs=1e-6)
-        if e["kind"] == "top_p":  # per-token k clipped to the trained range
-            assert all(cfg.elastic_k_min - 1e-6 <= k <= cfg.elastic_k_max + 1e-6 for k in e["mean_k_per_layer"])
+        if e["kind"] == "top_p":  # per-token k within [1, num_experts], not the trained range
+            assert all(1 - 1e-6 <= k <= cfg.model.num_moe_experts + 1e-6 for k in e["mean_k_per_layer"]), e
     # Co-occurrence of the reference: symmetric, diagonal sums to k_train per layer.
     for layer in data["reference_cooccurrence"]:
         assert sum(layer[i][i] for i in range(8)) == pytest.approx(k_train, abs=1e-4)
@@ -284,8 +280,10 @@ def test_elastic_eval_on_recipe_checkpoint(recipe, trained, tmp_path, capsys):
         # Candidate-pool sampling activates other pairs than top-2, still 2 experts per token.
         assert train["cooc_dist"] > 0 and train["mean_k"] == pytest.approx(2.0)
         assert ref["cooc_dist_train"] > 0
-    if cfg.elastic.schedule == "fixed":
-        assert all(e["mean_k"] == pytest.approx(2.0) for e in data["results"] if e["kind"] == "top_p")
+    # Top-p is not clipped to the trained k range: even a fixed-k model's tokens take different k
+    # (p = 0.5 and 0.9 select different numbers of experts on an untrained-ish router).
+    top_p_means = [e["mean_k"] for e in data["results"] if e["kind"] == "top_p"]
+    assert len(set(top_p_means)) == 2 and max(top_p_means) > cfg.elastic_k_min
 
     # Plot.
     blob = (out / "elastic_eval.png").read_bytes()
