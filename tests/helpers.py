@@ -119,3 +119,19 @@ def tiny_overrides(data: dict, run_dir: Path, **extra) -> list:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_run(rank: int, world_size: int, overrides: list, max_iters=None) -> dict:
+    """One training run of configs/smoke.yaml + ``overrides`` in this (spawned) process, for
+    ``run_distributed``: the per-iteration losses, final iteration, validation loss, checkpoint."""
+    from megatron_elastic import parallel
+    from megatron_elastic.config import load_config
+    from megatron_elastic.train import run
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    try:
+        result = run(cfg, max_iters=max_iters)
+    finally:
+        parallel.destroy()
+    return {"losses": result.losses, "iteration": result.iteration, "valid": result.valid_loss,
+            "checkpoint": result.checkpoint}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import REPO, run_distributed, tiny_overrides
+from helpers import REPO, run_distributed, tiny_overrides, train_run
 
 from megatron_elastic.device import policy
 
@@ -220,19 +220,6 @@ def test_router_loss_gradient_and_log_do_not_scale_with_tp(smoke_data, tmp_path)
             tp1["log"]["hierarchical_router_loss"], rel=1e-5)
 
 
-def _train(rank, world_size, overrides):
-    from megatron_elastic import parallel
-    from megatron_elastic.config import load_config
-    from megatron_elastic.train import run
-
-    cfg = load_config(SMOKE, overrides)
-    try:
-        result = run(cfg)
-    finally:
-        parallel.destroy()
-    return result.losses
-
-
 @multi_rank
 @pytest.mark.multiproc
 @pytest.mark.slow
@@ -246,14 +233,15 @@ def test_tp2_sp_x_ep2_matches_one_rank(smoke_data, tmp_path, recipe):
     if recipe == "layerwise_pool":
         extra.update({"elastic.schedule": "batch", "elastic.k_min": 1, "elastic.k_max": 2,
                       "elastic.pool_ratio": 2.0, "elastic.router_loss_coeff": 0.1})
-    single = run_distributed(_train, 1, tiny_overrides(smoke_data, tmp_path, **extra), tmp_dir=tmp_path)[0]
+    single = run_distributed(train_run, 1, tiny_overrides(smoke_data, tmp_path, **extra), tmp_dir=tmp_path)[0]
     layout = {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": "true",
               "parallel.expert_model_parallel_size": 2}
-    ranks = run_distributed(_train, 4, tiny_overrides(smoke_data, tmp_path, **extra, **layout),
+    ranks = run_distributed(train_run, 4, tiny_overrides(smoke_data, tmp_path, **extra, **layout),
                             tmp_dir=tmp_path)
+    single = single["losses"]
     assert len(single) == 3 and single[0] != single[-1]
-    for losses in ranks:
-        assert losses == pytest.approx(single, abs=1e-5)
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(single, abs=1e-5)
 
 
 def test_only_the_device_policy_and_compat_look_for_cuda():

@@ -7,24 +7,9 @@ import math
 import pytest
 import torch
 
-from helpers import REPO, run_distributed, tiny_overrides
+from helpers import REPO, run_distributed, tiny_overrides, train_run
 
 SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def _train(rank, world_size, overrides, max_iters=None):
-    """One training run in a fresh process; returns the per-iteration losses and final state."""
-    from megatron_elastic import parallel
-    from megatron_elastic.config import load_config
-    from megatron_elastic.train import run
-
-    cfg = load_config(SMOKE, overrides)
-    try:
-        result = run(cfg, max_iters=max_iters)
-    finally:
-        parallel.destroy()
-    return {"losses": result.losses, "iteration": result.iteration, "valid": result.valid_loss,
-            "checkpoint": result.checkpoint}
 
 
 def _forward_backward(rank, world_size, overrides):
@@ -69,9 +54,9 @@ def test_model_forward_backward_cpu(smoke_data, tmp_path):
 def test_expert_parallel_2_matches_single_process(smoke_data, tmp_path):
     """Same data, same weights (layout-independent init): EP=2 on 2 ranks == 1 rank, 3 steps."""
     common = {"train.train_iters": 3, "train.global_batch_size": 4, "train.micro_batch_size": 2}
-    single = run_distributed(_train, 1, tiny_overrides(smoke_data, tmp_path, **common), tmp_dir=tmp_path)[0]
+    single = run_distributed(train_run, 1, tiny_overrides(smoke_data, tmp_path, **common), tmp_dir=tmp_path)[0]
     ep2 = run_distributed(
-        _train, 2,
+        train_run, 2,
         tiny_overrides(smoke_data, tmp_path, **common, **{"parallel.expert_model_parallel_size": 2}),
         tmp_dir=tmp_path,
     )
@@ -95,11 +80,11 @@ def test_resume_is_exact(smoke_data, tmp_path, elastic):
         return tiny_overrides(smoke_data, tmp_path, **extra,
                               **{"checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt)})
 
-    full = run_distributed(_train, 1, overrides(tmp_path / "full"), tmp_dir=tmp_path)[0]
-    first = run_distributed(_train, 1, overrides(tmp_path / "split"), 3, tmp_dir=tmp_path)[0]
+    full = run_distributed(train_run, 1, overrides(tmp_path / "full"), tmp_dir=tmp_path)[0]
+    first = run_distributed(train_run, 1, overrides(tmp_path / "split"), 3, tmp_dir=tmp_path)[0]
     assert first["iteration"] == 3
     assert (tmp_path / "split" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    second = run_distributed(_train, 1, overrides(tmp_path / "split"), tmp_dir=tmp_path)[0]
+    second = run_distributed(train_run, 1, overrides(tmp_path / "split"), tmp_dir=tmp_path)[0]
     assert second["iteration"] == 6
     assert first["losses"] + second["losses"] == full["losses"]  # bitwise, CPU fp32
     assert second["valid"] == full["valid"]
@@ -127,7 +112,7 @@ def _load_mismatched(rank, world_size, overrides, ckpt):
 @pytest.mark.slow
 def test_checkpoint_shape_mismatch_names_tensor(smoke_data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_distributed(_train, 1, tiny_overrides(smoke_data, tmp_path, **{
+    run_distributed(train_run, 1, tiny_overrides(smoke_data, tmp_path, **{
         "train.train_iters": 1, "checkpoint.save": str(ckpt)}), tmp_dir=tmp_path)
     message = run_distributed(
         _load_mismatched, 1,

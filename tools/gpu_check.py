@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     # 2. tests on the device
     tests = ["tests/test_device_path.py", "tests/moe/test_router.py", "tests/moe/test_dispatcher.py",
-             "tests/moe/test_control.py", "tests/test_training.py", "tests/test_gpu.py"]
+             "tests/moe/test_control.py", "tests/test_train.py", "tests/test_gpu.py"]
     cmd = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
     if dry:
         cmd += ["-k", "seeds_the_rng_tracker or fixed_k_matches_megatron_topk_router"]

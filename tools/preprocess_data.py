@@ -18,27 +18,16 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_elastic.data.documents import INPUT_FORMATS  # noqa: E402
+from megatron_elastic.data.documents import add_document_arguments  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Tokenize jsonl/text into Megatron .bin/.idx files.",
     )
-    parser.add_argument(
-        "--input", type=Path, nargs="+", required=True, help="jsonl or text files, in order"
-    )
-    parser.add_argument(
-        "--input-format",
-        choices=INPUT_FORMATS,
-        default="auto",
-        help="auto: *.jsonl/*.json are jsonl (one document per line), anything else is text "
-        "(one document per file) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--json-key",
-        default="text",
-        help="jsonl field holding the text; also part of the output name (default: %(default)s)",
+    add_document_arguments(
+        parser, input_help="jsonl or text files, in order",
+        json_key_help="jsonl field holding the text; also part of the output name (default: %(default)s)",
     )
     parser.add_argument(
         "--tokenizer-model", type=Path, required=True, help="sentencepiece .model file"

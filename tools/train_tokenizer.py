@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_elastic.data.documents import INPUT_FORMATS, DataError  # noqa: E402
+from megatron_elastic.data.documents import DataError, add_document_arguments  # noqa: E402
 from megatron_elastic.data.tokenizer_training import (  # noqa: E402
     MIN_CHARACTER_COVERAGE,
     train_tokenizer,
@@ -37,17 +37,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a lossless sentencepiece tokenizer on jsonl/text files.",
     )
-    parser.add_argument("--input", type=Path, nargs="+", required=True, help="jsonl or text files")
-    parser.add_argument(
-        "--input-format",
-        choices=INPUT_FORMATS,
-        default="auto",
-        help="auto: *.jsonl/*.json are jsonl (one document per line), anything else is text "
-        "(one document per file) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--json-key", default="text", help="jsonl field holding the text (default: %(default)s)"
-    )
+    add_document_arguments(parser, input_help="jsonl or text files",
+                           json_key_help="jsonl field holding the text (default: %(default)s)")
     parser.add_argument(
         "--output-prefix", type=Path, required=True, help="writes PREFIX.model and PREFIX.vocab"
     )

@@ -117,3 +117,20 @@ def read_documents(
         for text in chunk.documents(json_key):
             if text is not None:
                 yield text
+
+
+def add_document_arguments(parser, input_help: str, json_key_help: str) -> None:
+    """The --input / --input-format / --json-key options every data tool takes, read by
+    ``iter_documents``'s callers the same way."""
+    from pathlib import Path
+
+    parser.add_argument("--input", type=Path, nargs="+", required=True, help=input_help)
+    parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="auto: *.jsonl/*.json are jsonl (one document per line), anything else is text "
+        "(one document per file) (default: %(default)s)",
+    )
+    parser.add_argument("--json-key", default="text", help=json_key_help)
+

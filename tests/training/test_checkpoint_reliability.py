@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, run_distributed, tiny_overrides
+from helpers import REPO, free_port, run_distributed, tiny_overrides, train_run
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -39,20 +39,6 @@ VOCAB = 512
 def _ckpt_overrides(data, tmp_path, root, **extra):
     return tiny_overrides(data, tmp_path, **{"checkpoint.save": str(root), "checkpoint.load": str(root),
                                              "checkpoint.save_interval": 1, **extra})
-
-
-def _train(rank, world_size, overrides, max_iters=None):
-    """One training run in this (spawned) process; the checkpoint-relevant parts of its result."""
-    from megatron_elastic import parallel
-    from megatron_elastic.config import load_config
-    from megatron_elastic.train import run
-
-    cfg = load_config(SMOKE, overrides)
-    try:
-        result = run(cfg, max_iters=max_iters)
-    finally:
-        parallel.destroy()
-    return {"iteration": result.iteration, "losses": result.losses, "checkpoint": result.checkpoint}
 
 
 def _params(model):
@@ -464,7 +450,7 @@ def damaged(smoke_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("damaged")
     base = tmp / "base"
     # Three saves with keep_last=2: iterations 2 and 3 stay (retention in a real run).
-    result = run_distributed(_train, 1, _ckpt_overrides(smoke_data, tmp, base, **{
+    result = run_distributed(train_run, 1, _ckpt_overrides(smoke_data, tmp, base, **{
         "train.train_iters": 3, "checkpoint.keep_last": 2}), tmp_dir=tmp)[0]
     assert result["iteration"] == 3
     listing = sorted(p.name for p in base.iterdir())
