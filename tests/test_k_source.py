@@ -17,6 +17,11 @@ RECIPES = {
                                           "elastic.k_max": "null"}, 3, 3),
     "layerwise": ("mmoe_layerwise.yaml", {"elastic.k_min": 1, "elastic.k_max": 3}, 3, 3),
     "emoe": ("emoe.yaml", {"elastic.k_min": 3, "elastic.k_max": 3, "elastic.pool_ratio": 1.0}, 3, 3),
+    "batch": ("mmoe_layerwise.yaml", {"elastic.schedule": "batch", "elastic.k_min": 1, "elastic.k_max": 3}, 3, 3),
+    "microbatch": ("mmoe_layerwise.yaml", {"elastic.schedule": "microbatch", "elastic.k_min": 1,
+                                           "elastic.k_max": 3}, 3, 3),
+    "top_p": ("mmoe_layerwise.yaml", {"elastic.schedule": "top_p", "elastic.top_p": 0.5, "elastic.k_min": 1,
+                                      "elastic.k_max": 3}, 3, 3),
 }
 
 
@@ -29,7 +34,7 @@ def test_derived_k_values(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["topk", "layerwise"])
+@pytest.mark.parametrize("name", ["topk", "layerwise", "batch", "microbatch", "top_p"])
 def test_export_states_the_k_training_used(smoke_data, tmp_path, name):
     """topk.yaml with elastic.k_min=k_max=3 trains at 3, and config.json says 3 wherever it
     states a training or default k (it said 2, model.moe_router_topk, before)."""
@@ -37,7 +42,8 @@ def test_export_states_the_k_training_used(smoke_data, tmp_path, name):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     overrides = tiny_overrides(smoke_data, tmp_path, **{
         "train.train_iters": 2, "checkpoint.save": str(ckpt), "model.moe_router_topk": 2,
-        "elastic.schedule": "fixed" if name == "topk" else "layerwise", **extra})
+        "elastic.schedule": "fixed" if name == "topk" else "layerwise", "elastic.pool_ratio": "null",
+        **extra})
     run_tool("-m", "megatron_elastic.train", "--config", str(REPO / "configs" / recipe), *overrides)
     run_tool("tools/convert_to_hf.py", "--load", str(ckpt), "--output", str(out))
     config = json.loads((out / "config.json").read_text())
