@@ -27,3 +27,17 @@ def smoke_data(tmp_path_factory) -> dict:
         "tokenizer": root / "spm.model",
         "prefix": str(root / "corpus_text_document"),
     }
+
+
+@pytest.fixture(scope="module")
+def one_process_parallel():
+    """World of one (gloo), as the trainer sets it up for one CPU process; torn down after the
+    module."""
+    from megatron_elastic import parallel
+    from megatron_elastic.config import Config
+
+    parallel.destroy()
+    parallel.initialize(Config().validate())
+    yield
+    parallel.destroy()
+

@@ -17,8 +17,6 @@ from megatron.core.transformer.moe.moe_utils import (
     save_to_aux_losses_tracker,
 )
 
-from megatron_elastic import parallel
-from megatron_elastic.config import Config
 from megatron_elastic.training import metrics
 from megatron_elastic.training.metrics import collect_moe_metrics
 
@@ -30,14 +28,6 @@ def empty_tracker():
     get_moe_layer_wise_logging_tracker().clear()
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    parallel.destroy()
-    parallel.initialize(Config().validate())
-    yield
-    parallel.destroy()
-
-
 def _fill(reduce_group=None, reduce_group_has_dp=False):
     """Two layers, two micro-batches: load balancing (0.25, 0.5) + (0.75, 1.5); k (2, 1) + (4, 3)."""
     for lb, k in (((0.25, 0.5), (2, 1)), ((0.75, 1.5), (4, 3))):
@@ -47,7 +37,7 @@ def _fill(reduce_group=None, reduce_group_has_dp=False):
             save_to_aux_losses_tracker("k", torch.tensor(float(k[layer - 1])), layer, 2)
 
 
-def test_single_process_means_over_microbatches(single_process):
+def test_single_process_means_over_microbatches(one_process_parallel):
     _fill()
     out = collect_moe_metrics(num_microbatches=2)
     assert list(out) == ["k", "load_balancing_loss"]  # sorted names
@@ -56,7 +46,7 @@ def test_single_process_means_over_microbatches(single_process):
     assert collect_moe_metrics(num_microbatches=2) == {"k": [0.0, 0.0], "load_balancing_loss": [0.0, 0.0]}
 
 
-def test_reduce_group_of_one_and_zero_microbatches(single_process):
+def test_reduce_group_of_one_and_zero_microbatches(one_process_parallel):
     from megatron.core import parallel_state as ps
 
     _fill(reduce_group=ps.get_tensor_model_parallel_group())

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_elastic import parallel
 from megatron_elastic.config import Config
 from megatron_elastic.training import optim
 from megatron_elastic.training.optim import global_grad_norm, lr_at
@@ -87,16 +86,7 @@ def _params():
     ]
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    """World of one (gloo), as the trainer sets it up for one CPU process."""
-    parallel.destroy()
-    parallel.initialize(Config().validate())
-    yield
-    parallel.destroy()
-
-
-def test_global_grad_norm_single_process(single_process):
+def test_global_grad_norm_single_process(one_process_parallel):
     assert global_grad_norm(_params()) == pytest.approx(7.0)  # sqrt(4 + 9 + 36)
     assert global_grad_norm([]) == 0.0
 
