@@ -45,7 +45,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="shuffle the sorted file list with this seed before applying the limits "
         "(default: keep sorted order)",
     )
+    parser.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        metavar="NAME=BYTES",
+        help="hold whole files out of the corpus into <output stem>.NAME.jsonl until it has BYTES "
+        "bytes (repeatable, e.g. --holdout valid=1000000 --holdout test=1000000); taken from the "
+        "front of the (shuffled) file order before --max-docs/--max-bytes apply",
+    )
     args = parser.parse_args(argv)
+    holdout = {}
+    for item in args.holdout:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit() or int(size) <= 0:
+            parser.error(f"--holdout {item!r}: expected NAME=BYTES, e.g. valid=1000000")
+        holdout[name] = int(size)
+    args.holdout = holdout
     for name in ("max_docs", "max_bytes"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -56,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        summary = build_corpus(args.output, args.root, args.max_docs, args.max_bytes, args.seed)
+        summary = build_corpus(args.output, args.root, args.max_docs, args.max_bytes, args.seed, args.holdout)
     except (DataError, FileNotFoundError) as error:
         print(f"build_corpus.py: error: {error}", file=sys.stderr)
         return 2
@@ -68,6 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"  candidates={summary['candidates']} seed={summary['seed']} "
         f"skipped: not UTF-8={summary['skipped_undecodable']} empty={summary['skipped_empty']}"
     )
+    for name, held in summary["holdout"].items():
+        print(f"  held out {name}: {held['documents']} documents ({held['text_bytes']:,} bytes) -> {held['output']}")
     return 0
 
 

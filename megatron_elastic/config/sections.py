@@ -100,6 +100,13 @@ class DataConfig:
     # Megatron blend syntax: [prefix] or [weight, prefix, weight, prefix, ...].
     data_path: List[Any] = field(default_factory=list)
     split: str = "949,50,1"
+    # Separate validation / test data (Megatron-LM's --valid-data-path / --test-data-path): when
+    # set, data_path is used whole for training (split is ignored) and these are read in an
+    # order fixed by valid_seed alone, so runs with different train.seed, train_iters or
+    # eval_interval score the same validation samples.
+    valid_data_path: Optional[List[Any]] = None
+    test_data_path: Optional[List[Any]] = None
+    valid_seed: int = 1234
     tokenizer_model: Optional[str] = None
     num_workers: int = 0
     cache_path: Optional[str] = None

@@ -12,7 +12,10 @@ counted. Third-party packages installed under the stdlib directory (``site-packa
 ``dist-packages``) are excluded: they vary from machine to machine.
 
 Determinism: paths are sorted, then (only with ``seed``) shuffled with ``random.Random(seed)``;
-``max_docs``/``max_bytes`` then take a prefix of that order. The same Python installation and
+``holdout`` splits (e.g. ``{"valid": 1_000_000}``) take whole files from the front of that order
+until each reaches its byte size, written beside the output as ``<stem>.<name>.jsonl``, so a
+validation set never shares a file with the training text; ``max_docs``/``max_bytes`` then take a
+prefix of the rest. The same Python installation and
 arguments therefore always give a byte-identical file. The output is written to a temporary name
 and renamed into place, so an interrupted run never leaves a truncated corpus behind.
 
@@ -26,7 +29,7 @@ import os
 import random
 import sysconfig
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from megatron_elastic.data.documents import DataError
 
@@ -53,6 +56,7 @@ def build_corpus(
     max_docs: Optional[int] = None,
     max_bytes: Optional[int] = None,
     seed: Optional[int] = None,
+    holdout: Optional[Dict[str, int]] = None,
 ) -> dict:
     """Write the corpus to ``output`` and return a summary dict.
 
@@ -68,8 +72,41 @@ def build_corpus(
     files = list_source_files(root)
     if seed is not None:
         random.Random(seed).shuffle(files)
+    candidates = len(files)
 
     output = Path(output)
+    held_out = {}
+    for name, size in (holdout or {}).items():
+        if not name.isidentifier() or size <= 0:
+            raise DataError(f"holdout split {name}={size}: give a name (letters) and a positive byte size")
+        path = holdout_path(output, name)
+        taken, files = _take_bytes(files, size)
+        held_out[name] = _write_documents(path, taken, root, None, None)
+        held_out[name]["output"] = str(path)
+    summary = _write_documents(output, files, root, max_docs, max_bytes)
+    summary.update(output=str(output), root=str(root), candidates=candidates, seed=seed,
+                   holdout=held_out)
+    return summary
+
+
+def holdout_path(output: Path, name: str) -> Path:
+    """``corpus.jsonl`` + ``valid`` -> ``corpus.valid.jsonl``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.{name}{output.suffix or '.jsonl'}")
+
+
+def _take_bytes(files: List[Path], size: int):
+    """Whole files from the front of ``files`` until their bytes reach ``size``; (taken, rest)."""
+    total = 0
+    for i, path in enumerate(files):
+        if total >= size:
+            return files[:i], files[i:]
+        total += path.stat().st_size
+    raise DataError(f"a holdout of {size} bytes takes every file: lower it")
+
+
+def _write_documents(output: Path, files: List[Path], root: Path, max_docs, max_bytes) -> dict:
+    """Write ``files`` as jsonl documents (atomically); the counts."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     docs = total_bytes = skipped_undecodable = skipped_empty = 0
@@ -102,14 +139,9 @@ def build_corpus(
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-
     return {
-        "output": str(output),
-        "root": str(root),
-        "candidates": len(files),
         "documents": docs,
         "text_bytes": total_bytes,
         "skipped_undecodable": skipped_undecodable,
         "skipped_empty": skipped_empty,
-        "seed": seed,
     }

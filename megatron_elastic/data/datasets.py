@@ -25,11 +25,11 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_elastic.config import Config, ConfigError
 
 
-def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
+def parse_blend(data_path: List, key: str = "data.data_path") -> Tuple[List[str], Optional[List[float]]]:
     """Megatron blend list -> (prefixes, weights). Accepts [p], [p1, p2] or [w1, p1, w2, p2]."""
     items = [str(x) for x in data_path]
     if not items:
-        raise ConfigError("data.data_path is empty: give one or more dataset prefixes (.bin/.idx)")
+        raise ConfigError(f"{key} is empty: give one or more dataset prefixes (.bin/.idx)")
     def is_number(x: str) -> bool:
         try:
             float(x)
@@ -45,27 +45,44 @@ def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():
                 raise ConfigError(
-                    f"data.data_path: {prefix}{ext} not found on this node; the prefix must name an "
+                    f"{key}: {prefix}{ext} not found on this node; the prefix must name an "
                     "indexed dataset written by tools/preprocess_data.py (without the extension)"
                 )
     return prefixes, weights
 
 
 def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
-    """Build (train, valid, test) GPTDatasets sized for the whole run."""
-    t = cfg.train
-    prefixes, weights = parse_blend(cfg.data.data_path)
+    """Build (train, valid, test) GPTDatasets sized for the whole run.
+
+    With ``data.valid_data_path`` (and optionally ``data.test_data_path``) the evaluation sets
+    are whole separate data sets (one pass, shuffled by ``data.valid_seed`` only); otherwise the
+    three come from ``data.split`` of ``data.data_path`` as in Megatron-LM.
+    """
+    t, d = cfg.train, cfg.data
     num_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
     sizes = [
         t.train_iters * t.global_batch_size,
         max(1, num_evals * t.eval_iters * t.global_batch_size),
         max(1, t.eval_iters * t.global_batch_size),
     ]
+    if not d.valid_data_path:
+        return _build(cfg, tokenizer, sizes, t.seed, blend=parse_blend(d.data_path), split=d.split)
+    train = _build(cfg, tokenizer, [sizes[0], None, None], t.seed,
+                   blend_per_split=[parse_blend(d.data_path), None, None])[0]
+    # Size None: every sample once, in an order that depends on valid_seed and the data only.
+    held_out = [None, parse_blend(d.valid_data_path, "data.valid_data_path"),
+                parse_blend(d.test_data_path, "data.test_data_path") if d.test_data_path else None]
+    _, valid, test = _build(cfg, tokenizer, [None, None, None], d.valid_seed, blend_per_split=held_out)
+    return train, valid, test
+
+
+def _build(cfg: Config, tokenizer, sizes, seed: int, blend=None, split=None, blend_per_split=None):
     ds_config = GPTDatasetConfig(
-        random_seed=t.seed,
+        random_seed=seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, weights),
-        split=cfg.data.split,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
         path_to_cache=cfg.data.cache_path,
         mmap_bin_files=cfg.data.mmap_bin_files,
         tokenizer=tokenizer,
@@ -74,10 +91,7 @@ def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    datasets = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, ds_config
-    ).build()
-    return datasets
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_config).build()
 
 
 class BatchReader:
@@ -143,7 +157,10 @@ def check_vocabulary(cfg: Config, tokenizer) -> int:
             f"model.vocab_size={vocab}: set model.vocab_size >= {tokenizer.vocab_size} (or null to "
             "use the tokenizer's size, padded)"
         )
-    prefixes, _ = parse_blend(cfg.data.data_path)
+    prefixes = parse_blend(cfg.data.data_path)[0]
+    for key in ("valid_data_path", "test_data_path"):
+        if getattr(cfg.data, key):
+            prefixes += parse_blend(getattr(cfg.data, key), f"data.{key}")[0]
     for prefix in prefixes:
         found = dataset_token_range(prefix)
         if found.max_token_id < vocab:

@@ -102,28 +102,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_iters: Optional[int] = None):
+    """A verified checkpoint loaded for evaluation under the current launch: ``(cfg, env,
+    tokenizer, model, ckpt_dir, iteration)``. The run config is the checkpoint's own (or
+    ``config_path``) with ``overrides``; a single process reshards any saved TP/EP layout."""
     from megatron_elastic import parallel
-    from megatron_elastic.config import ConfigError
     from megatron_elastic.data.tokenizer import SentencePieceTokenizer
     from megatron_elastic.models.gpt import build_model
     from megatron_elastic.training.checkpoint import load_checkpoint, resolve_load_dir
-    from megatron_elastic.data.datasets import BatchReader, build_datasets
 
-    load = Path(args.load)
+    load = Path(load)
     if not load.exists():
         raise EvalError(f"--load {load}: no such checkpoint directory")
-    ckpt_dir = resolve_load_dir(load, _fallback_requested(args.overrides))
+    ckpt_dir = resolve_load_dir(load, _fallback_requested(overrides))
     if ckpt_dir is None:
         raise EvalError(
             f"--load {load}: no checkpoint found (no latest_checkpointed_iteration.txt and no "
             "metadata.json); point it at a run's checkpoint root or at one iter_N directory"
         )
-    ks = parse_ks(args.ks)
-    budgets = parse_budgets(args.budgets)
-    top_ps = parse_top_ps(args.top_p)
-
-    overrides = list(args.overrides)
+    overrides = list(overrides)
     if _single_process():
         # dist_checkpointing reshards: a checkpoint saved under TP/EP/DP loads into one process.
         overrides = [
@@ -132,16 +129,12 @@ def run(args: argparse.Namespace) -> dict:
         ] + overrides
     overrides += ["checkpoint.save=null", f"checkpoint.load={ckpt_dir}", "checkpoint.finetune=false",
                   "logging.tensorboard_dir=null", "logging.wandb_project=null"]
-    if args.eval_iters is not None:
-        if args.eval_iters < 1:
-            raise EvalError(f"--eval-iters {args.eval_iters} must be >= 1")
-        overrides.append(f"train.eval_iters={args.eval_iters}")
-    cfg = _load_run_config(ckpt_dir, args.config, overrides)
-    if ks is None:
-        ks = default_ks(cfg)
-    check_settings(ks, budgets, top_ps, cfg.model.num_layers, cfg.model.num_moe_experts)
+    if eval_iters is not None:
+        if eval_iters < 1:
+            raise EvalError(f"--eval-iters {eval_iters} must be >= 1")
+        overrides.append(f"train.eval_iters={eval_iters}")
+    cfg = _load_run_config(ckpt_dir, config_path, overrides)
 
-    from megatron.core import parallel_state as ps
     from megatron_elastic.train import check_environment
 
     env = parallel.initialize(cfg)
@@ -149,17 +142,40 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(cfg.train.seed)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size)
-    common_iteration = load_checkpoint(ckpt_dir, model, None, cfg, finetune=False)
+    iteration = load_checkpoint(ckpt_dir, model, None, cfg, finetune=False)
+    return cfg, env, tokenizer, model, ckpt_dir, iteration
+
+
+def split_reader(cfg, tokenizer, split: str):
+    """A ``BatchReader`` over this rank's share of the ``valid`` or ``test`` split."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_elastic.config import ConfigError
+    from megatron_elastic.data.datasets import BatchReader, build_datasets
+
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     datasets = build_datasets(cfg, tokenizer, dp_size)
-    dataset = datasets[1] if args.split == "valid" else datasets[2]
+    dataset = datasets[1] if split == "valid" else datasets[2]
     if dataset is None:
         raise ConfigError(
-            f"the {args.split} split is empty under data.split={cfg.data.split!r}: pass "
-            f"data.split=... (e.g. 90,5,5) or --split valid"
+            f"the {split} split is empty under data.split={cfg.data.split!r}: pass "
+            f"data.split=... (e.g. 90,5,5), data.test_data_path=[...] or --split valid"
         )
     t = cfg.train
-    reader = BatchReader(dataset, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
+    return BatchReader(dataset, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
+
+
+def run(args: argparse.Namespace) -> dict:
+    ks = parse_ks(args.ks)
+    budgets = parse_budgets(args.budgets)
+    top_ps = parse_top_ps(args.top_p)
+    cfg, env, tokenizer, model, ckpt_dir, common_iteration = load_for_eval(
+        args.load, args.config, args.overrides, args.eval_iters)
+    if ks is None:
+        ks = default_ks(cfg)
+    check_settings(ks, budgets, top_ps, cfg.model.num_layers, cfg.model.num_moe_experts)
+    reader = split_reader(cfg, tokenizer, args.split)
+    t = cfg.train
     say = (lambda msg: print(msg, flush=True)) if env.rank == 0 else None
     if say:
         say(f"elastic eval of {ckpt_dir} (iteration {common_iteration}) | schedule {cfg.elastic.schedule} "

@@ -74,6 +74,7 @@ class ElasticRouter(TopKRouter):
         self.last_mean_k = float(config.moe_router_topk)
         self.record_routing: bool = False
         self.last_routing_map: Optional[torch.Tensor] = None
+        self.last_scores: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ configuration
     def configure(
@@ -177,6 +178,8 @@ class ElasticRouter(TopKRouter):
         probs = self._apply_router_loss(probs, flat_logits)
         if self.record_routing:
             self.last_routing_map = routing_map.detach()
+            # The full routing distribution, for router diagnostics (entropy, ranking stability).
+            self.last_scores = self._scores(flat_logits.detach())
         if self.training and torch.is_grad_enabled():
             self._log_k()  # next to Megatron's aux losses, which it logs on the same condition
         return probs, routing_map

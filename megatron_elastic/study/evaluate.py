@@ -1,0 +1,212 @@
+"""Evaluation of one study run: loss at every k' on the calibration (valid) and held-out (test)
+sets, router diagnostics at every k', the per-layer budget search on the calibration set and its
+budgets scored on the held-out set, FLOPs per token of every setting and of training.
+
+    python -m megatron_elastic.study.evaluate --load <checkpoints> --output result.json \
+        --eval-spec '{"ks": [1, 2, 3, 4], "eval_iters": 8, "budget_mean_ks": [1.5]}' \
+        [--train-summary train_summary.json] [--run '{...}'] [section.key=value ...]
+
+Both sets are whole held-out files read in an order fixed by ``data.valid_seed`` alone, so every
+arm and seed is scored on the same tokens. Writes one JSON (rank 0); the runner stores it as the
+run's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_elastic.study import diagnostics as diag
+from megatron_elastic.study.budget import budgets_for_targets, greedy_path
+
+
+class Pass:
+    """Loss and, per MoE layer, the routing maps and routing distributions of one evaluation."""
+
+    def __init__(self, loss: float, tokens: int, maps: List[torch.Tensor], scores: List[torch.Tensor]):
+        self.loss, self.tokens, self.maps, self.scores = loss, tokens, maps, scores
+
+
+def collect(model, reader, eval_iters: int, keep: bool = True) -> Pass:
+    from megatron_elastic.moe.router import elastic_routers
+    from megatron_elastic.training.evaluation import evaluation_loss_sums
+
+    routers = elastic_routers(model)
+    maps: List[List[torch.Tensor]] = [[] for _ in routers]
+    scores: List[List[torch.Tensor]] = [[] for _ in routers]
+    for r in routers:
+        r.record_routing = keep
+
+    def record(per_token, batch) -> None:
+        for i, r in enumerate(routers):
+            maps[i].append(r.last_routing_map.cpu())
+            scores[i].append(r.last_scores.to(torch.float16).cpu())
+            r.last_routing_map = r.last_scores = None
+
+    try:
+        sums = evaluation_loss_sums(model, reader, eval_iters, model.elastic_context,
+                                    on_forward=record if keep else None)
+    finally:
+        for r in routers:
+            r.record_routing = False
+    loss = float(sums[0] / sums[1].clamp(min=1.0))
+    if not keep:
+        return Pass(loss, int(sums[1]), [], [])
+    return Pass(loss, int(sums[1]), [torch.cat(m) for m in maps], [torch.cat(s).float() for s in scores])
+
+
+def layer_diagnostics(passes: Dict[int, Pass], k_ref: int) -> Dict[int, dict]:
+    """Per k': per-layer load, entropy, ranking stability vs k_ref, containment in k'+1, and the
+    co-occurrence distance to the k_ref routing (plus their means over layers)."""
+    out = {}
+    ref = passes.get(k_ref)
+    for k, p in passes.items():
+        layers = []
+        for l, (m, s) in enumerate(zip(p.maps, p.scores)):
+            d = {**diag.expert_load(m), "entropy": diag.router_entropy(s)}
+            if ref is not None:
+                d["spearman_vs_ref"] = diag.ranking_spearman(s, ref.scores[l])
+                d["cooc_dist_to_ref"] = diag.cooccurrence_distance(m, ref.maps[l])
+            if k + 1 in passes:
+                d["containment_in_next"] = diag.containment(m, passes[k + 1].maps[l])
+            layers.append(d)
+        mean = {key: sum(d[key] for d in layers) / len(layers) for key in layers[0]}
+        out[k] = {"per_layer": layers, "mean": mean}
+    return out
+
+
+def evaluate_run(load: str, eval_spec: dict, overrides: List[str], summary: Optional[dict],
+                 say=print) -> dict:
+    from megatron_elastic.eval.cli import load_for_eval, split_reader
+    from megatron_elastic.moe.control import set_inference_k
+    from megatron_elastic.training.flops import forward_flops_per_token, training_flops_per_token
+
+    t0 = time.time()
+    cfg, env, tokenizer, model, ckpt_dir, iteration = load_for_eval(load, None, overrides,
+                                                                    eval_spec.get("eval_iters"))
+    n_exp, n_layers = cfg.model.num_moe_experts, cfg.model.num_layers
+    ks = sorted(k for k in (eval_spec.get("ks") or range(1, 2 * cfg.k_train + 1)) if 1 <= k <= n_exp)
+    k_ref = cfg.default_eval_k
+    iters = cfg.train.eval_iters
+    vocab = model.vocab_size
+    readers = {split: split_reader(cfg, tokenizer, split) for split in ("valid", "test")}
+
+    def flops(budget: List[float]) -> float:
+        return forward_flops_per_token(cfg, budget, vocab)
+
+    losses: Dict[str, Dict[int, float]] = {"valid": {}, "test": {}}
+    passes: Dict[int, Pass] = {}
+    for k in ks:
+        set_inference_k(model, k)
+        for split, reader in readers.items():
+            p = collect(model, reader, iters, keep=(split == "valid" and eval_spec.get("diagnostics", True)))
+            losses[split][k] = p.loss
+            if split == "valid":
+                passes[k] = p
+        say(f"k'={k}: valid {losses['valid'][k]:.4f} test {losses['test'][k]:.4f}")
+    diagnostics = layer_diagnostics(passes, k_ref) if passes and passes[ks[0]].maps else {}
+    passes.clear()
+
+    # Per-layer budget search on the calibration (valid) set, scored on the held-out (test) set.
+    targets = sorted(float(t) for t in eval_spec.get("budget_mean_ks") or [])
+    search = None
+    if targets:
+        def calib_loss(budget: List[int]) -> float:
+            set_inference_k(model, budget)
+            return collect(model, readers["valid"], iters, keep=False).loss
+
+        path = greedy_path(n_layers, 1, max(ks), calib_loss, flops, max(targets))
+        chosen = budgets_for_targets(path, targets)
+        held_out = []
+        for target, budget in chosen.items():
+            set_inference_k(model, budget)
+            loss = collect(model, readers["test"], iters, keep=False).loss
+            held_out.append({"target_mean_k": target, "budget": budget, "mean_k": sum(budget) / n_layers,
+                             "test_loss": loss, "flops": flops(budget)})
+            say(f"budget {budget} (mean k {sum(budget) / n_layers:g}): test {loss:.4f}")
+        search = {"method": "greedy, +1 expert per step by loss drop per FLOP on the valid set",
+                  "path": path, "budgets": held_out}
+    set_inference_k(model, None)
+
+    train = dict(summary or {})
+    if train.get("mean_k_per_layer"):
+        per_token = training_flops_per_token(cfg, train["mean_k_per_layer"], vocab)
+        tokens = cfg.train.train_iters * cfg.train.global_batch_size * cfg.model.seq_length
+        train.update(train_flops_per_token=per_token, train_tokens=tokens, train_flops=per_token * tokens)
+    e = cfg.elastic
+    return {
+        "schema": 1,
+        "checkpoint": str(ckpt_dir),
+        "iteration": iteration,
+        "model": {"num_layers": n_layers, "num_moe_experts": n_exp, "hidden_size": cfg.model.hidden_size,
+                  "moe_ffn_hidden_size": cfg.model.moe_ffn_hidden_size,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "moe_router_topk": cfg.model.moe_router_topk,
+                  "moe_router_pre_softmax": cfg.model.moe_router_pre_softmax},
+        "elastic": {"schedule": e.schedule, "k_min": cfg.elastic_k_min, "k_max": cfg.elastic_k_max,
+                    "distribution": e.distribution, "tau": e.tau, "top_p": e.top_p,
+                    "pool_ratio": e.pool_ratio, "router_loss_coeff": e.router_loss_coeff},
+        "k_ref": k_ref,
+        "eval": {"ks": ks, "eval_iters": iters, "tokens_per_setting": cfg.train.eval_iters
+                 * cfg.train.global_batch_size * cfg.model.seq_length, "valid_seed": cfg.data.valid_seed},
+        "loss": {split: {str(k): v for k, v in d.items()} for split, d in losses.items()},
+        "ppl": {split: {str(k): math.exp(v) for k, v in d.items()} for split, d in losses.items()},
+        "flops_per_token": {str(k): flops([k] * n_layers) for k in ks},
+        "diagnostics": {str(k): v for k, v in diagnostics.items()},
+        "budget_search": search,
+        "train": train,
+        "eval_seconds": round(time.time() - t0, 1),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_elastic.study.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="the run's checkpoint root")
+    parser.add_argument("--output", required=True, help="result JSON to write")
+    parser.add_argument("--eval-spec", required=True, help="the study's eval section as JSON")
+    parser.add_argument("--train-summary", default=None, help="train_summary.json of the run")
+    parser.add_argument("--run", default="{}", help="the run's identity (JSON), stored as is")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (data paths)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from megatron_elastic import parallel
+    from megatron_elastic.config import ConfigError
+    from megatron_elastic.eval.settings import EvalError
+    from megatron_elastic.training.checkpoint import CheckpointError
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    args = parse_args(argv)
+    try:
+        summary = None
+        if args.train_summary and Path(args.train_summary).is_file():
+            summary = json.loads(Path(args.train_summary).read_text())
+        result = evaluate_run(args.load, json.loads(args.eval_spec), args.overrides, summary,
+                              say=lambda m: print(m, flush=True))
+        result["run"] = json.loads(args.run)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+        print(f"wrote {out}", flush=True)
+    except (EvalError, ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
