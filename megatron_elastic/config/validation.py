@@ -104,11 +104,6 @@ def validate(cfg) -> None:
     if t.lr_decay_style not in ("cosine", "linear", "constant"):
         raise ConfigError("train.lr_decay_style must be one of cosine, linear, constant")
     d = cfg.data
-    for key in ("valid_data_path", "test_data_path"):
-        value = getattr(d, key)
-        if value is not None and not isinstance(value, list):
-            raise ConfigError(f"data.{key} must be a list of dataset prefixes (blend syntax), e.g. "
-                              f"[runs/data/valid_text_document], got {value!r}")
     if d.test_data_path and not d.valid_data_path:
         raise ConfigError("data.test_data_path needs data.valid_data_path too (with separate held-out "
                           "sets data.split is not used): set both, or neither")

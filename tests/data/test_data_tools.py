@@ -133,6 +133,31 @@ def test_build_corpus_rejects_limits_that_leave_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_corpus_holdout_takes_whole_files_before_the_limits(tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    args = ["--output", str(out), "--seed", "5", "--max-docs", "20"]
+    assert build_corpus.main(args + ["--holdout", "valid=20000", "--holdout", "test=10000"]) == 0
+    assert "held out valid" in capsys.readouterr().out
+    train, valid, test = (read_jsonl(tmp_path / n) for n in ("c.jsonl", "c.valid.jsonl", "c.test.jsonl"))
+    sizes = [sum(len(r["text"].encode()) for r in part) for part in (valid, test)]
+    # Whole files until each split reaches its size: at least the size, and without its last
+    # file less than it.
+    assert sizes[0] >= 20000 and sizes[0] - len(valid[-1]["text"].encode()) < 20000
+    assert sizes[1] >= 10000 and sizes[1] - len(test[-1]["text"].encode()) < 10000
+    names = [{r["path"] for r in part} for part in (train, valid, test)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert len(train) == 20  # --max-docs applies to what is left
+    # The held-out files are the front of the seeded order, so the training part is what a run
+    # without holdout gives after them.
+    plain = tmp_path / "plain.jsonl"
+    assert build_corpus.main(["--output", str(plain), "--seed", "5"]) == 0
+    order = [r["path"] for r in read_jsonl(plain)]
+    assert order[: len(valid) + len(test)] == [r["path"] for r in valid + test]
+    for bad in ("valid", "valid=0", "=5", "valid=x"):
+        with pytest.raises(SystemExit):
+            build_corpus.parse_args(["--output", str(out), "--holdout", bad])
+
+
 # -- tokenizer ------------------------------------------------------------------------------------
 
 ROUND_TRIP_SAMPLES = [

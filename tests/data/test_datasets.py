@@ -154,3 +154,41 @@ def test_check_vocabulary(tmp_path):
         check_vocabulary(_cfg(*base, "model.vocab_size=300"), _Tokenizer(256))
     with pytest.raises(ConfigError, match="has 600 pieces but model.vocab_size=512"):
         check_vocabulary(_cfg(*base, "model.vocab_size=512"), _Tokenizer(600))
+
+
+# ----------------------------------------------------------------------------- held-out sets
+def test_separate_valid_and_test_data_do_not_depend_on_the_training_run(smoke_data):
+    """data.valid_data_path: validation samples are fixed by data.valid_seed alone, so runs with
+    another train.seed, length or eval interval score the same tokens; training uses all of
+    data_path."""
+    from megatron_elastic.data.datasets import build_datasets
+    from megatron_elastic.data.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(str(smoke_data["tokenizer"]))
+    prefix = smoke_data["prefix"]
+
+    def build(*overrides):
+        cfg = _cfg("model.seq_length=32", f"data.data_path=[{prefix}]", f"data.valid_data_path=[{prefix}]",
+                   f"data.test_data_path=[{prefix}]", f"data.tokenizer_model={smoke_data['tokenizer']}",
+                   "data.split=90,10,0", *overrides).validate()
+        return build_datasets(cfg, tok, 1)
+
+    def first_tokens(ds, n=6):
+        return [ds[i]["tokens"][:8].tolist() for i in range(n)]
+
+    train_a, valid_a, test_a = build("train.seed=1", "train.train_iters=10", "train.eval_interval=5")
+    train_b, valid_b, test_b = build("train.seed=2", "train.train_iters=30", "train.eval_interval=0")
+    assert first_tokens(valid_a) == first_tokens(valid_b) and len(valid_a) == len(valid_b)
+    assert first_tokens(test_a) == first_tokens(test_b)
+    assert first_tokens(train_a) != first_tokens(train_b)  # the training order follows train.seed
+    # data.split is not applied: the validation set is the whole held-out data set, once.
+    assert len(valid_a) == len(test_a)
+    _, valid_c, _ = build("data.valid_seed=7")
+    assert first_tokens(valid_c) != first_tokens(valid_a) and len(valid_c) == len(valid_a)
+
+
+def test_held_out_paths_are_checked():
+    with pytest.raises(ConfigError, match="data.test_data_path needs data.valid_data_path"):
+        _cfg("data.test_data_path=[x]").validate()
+    # One prefix given as a string is read as a one-element list, like data.data_path.
+    assert _cfg("data.valid_data_path=x").data.valid_data_path == ["x"]
