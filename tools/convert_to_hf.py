@@ -49,10 +49,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--fallback-to-last-good", action="store_true",
                         help="if the checkpoint fails its manifest check (a missing, truncated or corrupt "
                              "file), export the newest complete earlier one instead")
+    parser.add_argument("--inference-k", default=None,
+                        help="per-layer inference k to record in config.json (elastic_moe.inference_k), one "
+                             "per MoE layer, e.g. 2,1,1,2 as chosen by tools/search_budget.py")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--report-memory", action="store_true",
                         help="print the peak resident memory the conversion added (Linux, /proc)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.inference_k is not None:
+        try:
+            args.inference_k = [int(k) for k in args.inference_k.split(",") if k.strip()]
+        except ValueError:
+            parser.error(f"--inference-k {args.inference_k!r}: expected integers like 2,1,1,2")
+    return args
 
 
 def _rss_kib(field: str) -> Optional[int]:
@@ -94,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.load, args.output, architecture=args.architecture, dtype=args.dtype,
         max_shard_size=args.max_shard_size, tokenizer_model=tokenizer, config=args.config,
         overwrite=args.overwrite, progress=not args.no_progress,
-        fallback_to_last_good=args.fallback_to_last_good,
+        fallback_to_last_good=args.fallback_to_last_good, inference_k=args.inference_k,
     ))
     if result is None:
         return EXIT_USER_ERROR

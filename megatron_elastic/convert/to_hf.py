@@ -237,6 +237,7 @@ def convert_megatron_to_hf(
     overwrite: bool = False,
     progress: bool = True,
     fallback_to_last_good: bool = False,
+    inference_k: Optional[List[int]] = None,
 ) -> ExportResult:
     """Export the checkpoint at ``load`` (run root or ``iter_N`` dir) to ``output``.
 
@@ -245,9 +246,19 @@ def convert_megatron_to_hf(
     checkpoint config's sentencepiece model, a path overrides it, False skips the tokenizer.
     ``config``: describes a checkpoint that does not record its own. ``fallback_to_last_good``:
     a checkpoint that fails its manifest check exports the newest complete earlier one instead.
+    ``inference_k``: a per-layer budget (one k per MoE layer, e.g. from tools/search_budget.py)
+    recorded as ``elastic_moe.inference_k``, which ``load_elastic_hf`` applies on load.
     """
     ckpt_dir = find_checkpoint_dir(load, fallback_to_last_good)
     cfg, iteration, _ = read_checkpoint_config(ckpt_dir, config)
+    if inference_k is not None:
+        m = cfg.model
+        ks = [int(k) for k in inference_k]
+        if len(ks) != m.num_layers or not all(1 <= k <= m.num_moe_experts for k in ks):
+            raise ConversionError(
+                f"--inference-k {','.join(map(str, ks))}: give one k per MoE layer ({m.num_layers}), "
+                f"each in [1, num_moe_experts={m.num_moe_experts}]")
+        cfg.elastic.eval_k = ks
     source = DistCheckpointSource(ckpt_dir)
     return export(source, cfg, output, iteration=iteration, architecture=architecture, dtype=dtype,
                   max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,

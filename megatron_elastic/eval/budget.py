@@ -9,7 +9,8 @@ mean k reaches it. Cost: at most L evaluations per step, (k_hi - k_lo) x L steps
 
 ``loss_of(budget) -> float`` evaluates one budget (a list of one k per layer, depth order);
 ``flops_of(budget) -> float`` its forward FLOPs per token. Both are injected, so the search is
-tested on synthetic loss surfaces and run on a model by ``study/evaluate.py``.
+tested on synthetic loss surfaces and run on a model by ``eval/budget_cli.py`` (tools/search_budget.py)
+and ``study/evaluate.py``.
 """
 
 from __future__ import annotations
