@@ -204,6 +204,11 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
         start = load_checkpoint(ck.load, model, optimizer, cfg, finetune=ck.finetune)
         if start:
             logger.print(f"resumed from {ck.load} at iteration {start}")
+        if start >= t.train_iters and not ck.finetune:
+            # Re-running a finished recipe is a resume with nothing left: say so, not silently.
+            logger.print(f"nothing to train: {ck.load} is at iteration {start} >= train.train_iters="
+                         f"{t.train_iters} (raise train.train_iters to train on, or set checkpoint.save "
+                         "and checkpoint.load to a new directory to start over)")
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, dp_size)
     train = BatchReader(train_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
     valid = BatchReader(valid_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import REPO, run_distributed, tiny_overrides, train_run
+from helpers import REPO, run_distributed, run_tool, tiny_overrides, train_run
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -88,6 +88,10 @@ def test_resume_is_exact(smoke_data, tmp_path, elastic):
     assert second["iteration"] == 6
     assert first["losses"] + second["losses"] == full["losses"]  # bitwise, CPU fp32
     assert second["valid"] == full["valid"]
+    if elastic == "fixed":
+        # Re-running the finished recipe trains nothing and says so.
+        proc = run_tool("-m", "megatron_elastic.train", "--config", str(SMOKE), *overrides(tmp_path / "full"))
+        assert "nothing to train" in proc.stdout and "at iteration 6 >= train.train_iters=6" in proc.stdout
 
 
 def _load_mismatched(rank, world_size, overrides, ckpt):
