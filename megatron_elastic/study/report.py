@@ -246,6 +246,12 @@ def markdown(study: Study, agg: dict, claim_list: List[dict]) -> str:
         if env:
             lines.append("| *specialists' envelope* | | " + " | ".join(
                 _fmt(env[k]) if k in env else "-" for k in ks) + " |")
+        lines += ["", "Perplexity (exp of the mean loss):", "",
+                  "| arm | " + " | ".join(f"k'={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for name, a in arms.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{math.exp(a['test'][k]['mean']):.2f}" if a["test"].get(k) and a["test"][k]["mean"] is not None
+                else "-" for k in ks) + " |")
             lines += ["", "Relative gap to the specialist at k (%, + = worse):", "",
                       "| arm | " + " | ".join(f"k={k}" for k in sorted(env)) + " |",
                       "|---|" + "---|" * len(env)]
@@ -273,6 +279,11 @@ def markdown(study: Study, agg: dict, claim_list: List[dict]) -> str:
                 lines.append(f"| {name} | {k} | {_num(d.get('load_cv'), 3)} | {_num(d.get('load_max_over_mean'), 2)} | "
                              f"{_num(d.get('entropy'), 3)} | {_num(d.get('spearman_vs_ref'), 3)} | "
                              f"{_num(d.get('containment_in_next'), 3)} | {_num(d.get('cooc_dist_to_ref'), 3)} |")
+        corr = data.get("cooc_loss_correlation")
+        if corr:
+            lines += ["", f"EMoE's predictor: over every run and k' != default k, the co-occurrence distance "
+                      f"to the default k's routing and the loss change have Pearson r = {corr['pearson']:.3f} "
+                      f"({corr['points']} points; plot `cooc_vs_loss_{protocol}.png`)."]
         rows = [(n, t, c) for n, a in arms.items() for t, c in a["budget_vs_uniform"].items()]
         if rows:
             lines += ["", "Per-layer budget search (greedy on the calibration files, scored on the test "
