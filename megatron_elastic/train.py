@@ -79,10 +79,11 @@ def check_environment(cfg: Config) -> None:
     from megatron_elastic.data.datasets import parse_blend
 
     parse_blend(cfg.data.data_path)
-    if not cfg.data.tokenizer_model or not Path(cfg.data.tokenizer_model).is_file():
+    if not cfg.data.tokenizer_model or not Path(cfg.data.tokenizer_model).exists():
         raise ConfigError(
             f"data.tokenizer_model={cfg.data.tokenizer_model!r} not found on this node: train one "
-            "with tools/train_tokenizer.py and point data.tokenizer_model at the .model file"
+            "with tools/train_tokenizer.py and point data.tokenizer_model at the .model file, or "
+            "at a Hugging Face tokenizer directory (with tokenizer.json)"
         )
     save = cfg.checkpoint.save
     if save:
@@ -144,7 +145,7 @@ def build(cfg: Config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_elastic import parallel
-    from megatron_elastic.data.tokenizer import SentencePieceTokenizer
+    from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.models.gpt import build_model
     from megatron_elastic.training.optim import build_optimizer, use_distributed_optimizer
 
@@ -153,8 +154,8 @@ def build(cfg: Config):
     env = parallel.initialize(cfg)
     check_environment(cfg)
     try:
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-    except ValueError as exc:  # unreadable bytes, or a model without an EOS piece
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    except ValueError as exc:  # unreadable files, or a tokenizer without an EOS token
         raise ConfigError(f"data.tokenizer_model: {exc}") from None
     # Token ids that do not fit the embedding fail minutes in (a device-side assert on GPU).
     check_vocabulary(cfg, tokenizer)

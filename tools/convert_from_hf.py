@@ -5,7 +5,8 @@
         --tensor-model-parallel-size 1 --expert-model-parallel-size 2
 
 Writes ``OUTPUT/latest_checkpointed_iteration.txt``, ``OUTPUT/iter_0000000/`` (weights, no
-optimizer state), ``OUTPUT/tokenizer.model`` when the HF directory has one, and
+optimizer state), ``OUTPUT/tokenizer.model`` when the HF directory has one (else its Hugging Face tokenizer
+files in ``OUTPUT/tokenizer/`` when it has a tokenizer.json), and
 ``OUTPUT/megatron_config.yaml``: a recipe with the model section, the chosen parallel layout,
 ``checkpoint.load`` pointing at OUTPUT with ``finetune: true``, and the elastic schedule recorded at
 export (a fixed schedule otherwise). Continue training with any elastic recipe:

@@ -41,7 +41,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer-model", default=None,
-                     help="sentencepiece .model to export (default: data.tokenizer_model of the checkpoint's config)")
+                     help="sentencepiece .model or Hugging Face tokenizer directory to export "
+                          "(default: data.tokenizer_model of the checkpoint's config)")
     tok.add_argument("--no-tokenizer", action="store_true", help="export the weights without a tokenizer")
     parser.add_argument("--config", default=None,
                         help="recipe YAML describing the model, for checkpoints that do not record their config")

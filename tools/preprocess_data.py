@@ -30,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         json_key_help="jsonl field holding the text; also part of the output name (default: %(default)s)",
     )
     parser.add_argument(
-        "--tokenizer-model", type=Path, required=True, help="sentencepiece .model file"
+        "--tokenizer-model", type=Path, required=True,
+        help="sentencepiece .model file, or a Hugging Face tokenizer directory (with tokenizer.json)"
     )
     parser.add_argument(
         "--output-prefix",

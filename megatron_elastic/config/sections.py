@@ -107,6 +107,7 @@ class DataConfig:
     valid_data_path: Optional[List[Any]] = None
     test_data_path: Optional[List[Any]] = None
     valid_seed: int = 1234
+    # A sentencepiece .model file, or a Hugging Face tokenizer directory (with tokenizer.json).
     tokenizer_model: Optional[str] = None
     num_workers: int = 0
     cache_path: Optional[str] = None

@@ -6,7 +6,8 @@
 * ``from_hf.convert_hf_to_megatron``: the inverse, plus a YAML recipe to continue training.
 * ``hf_elastic``: set the number of activated experts k' on a loaded transformers model,
   globally or per layer, and read the per-layer k the export recorded.
-* ``hf_tokenizer``: the project's lossless sentencepiece model as a ``tokenizer.json``.
+* ``hf_tokenizer``: the project's lossless sentencepiece model as a ``tokenizer.json`` (a Hugging
+  Face tokenizer directory is written back as it is).
 
 The pieces both directions are built from: ``megatron_checkpoint`` (locate and verify a
 checkpoint, recover its run config, read its tensors one layer at a time), ``hf_reader``

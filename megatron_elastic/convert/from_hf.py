@@ -83,6 +83,46 @@ def single_process_parallel():
             dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------ the tokenizer
+# What save_pretrained writes for a fast tokenizer, plus the slow-tokenizer vocabulary files some
+# hub directories also carry; everything else in an HF directory is the model's.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                      "vocab.json", "merges.txt")
+HF_TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_to_import(hf_dir: Path, output: Path):
+    """``(source, destination)`` of the tokenizer the imported run trains with, or (None, None).
+
+    A sentencepiece ``tokenizer.model`` is preferred when there is one (the project's own exports
+    carry it next to tokenizer.json, and it is what they were trained with); otherwise a
+    ``tokenizer.json`` makes the HF tokenizer files the run's tokenizer, in ``OUTPUT/tokenizer/``
+    (a directory of its own: the checkpoint root is not a tokenizer directory). It is loaded once
+    here so a tokenizer the trainer would refuse (no EOS) fails before the weights are converted.
+    """
+    spm_model = hf_dir / "tokenizer.model"
+    if spm_model.is_file():
+        return spm_model, output / "tokenizer.model"
+    if (hf_dir / "tokenizer.json").is_file():
+        from megatron_elastic.convert.hf_tokenizer import special_token_ids
+
+        special_token_ids(hf_dir)  # ConversionError naming the problem and the fix
+        return hf_dir, output / HF_TOKENIZER_DIR
+    return None, None
+
+
+def copy_tokenizer(source: Path, destination: Path) -> None:
+    """Copy a sentencepiece model file, or an HF directory's tokenizer files into ``destination``."""
+    if source.is_file():
+        shutil.copyfile(source, destination)
+        return
+    destination.mkdir()
+    for name in HF_TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+
+
 # ------------------------------------------------------------------------------ the import
 @dataclass
 class ImportResult:
@@ -134,8 +174,7 @@ def convert_hf_to_megatron(
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(str(hf_dir))
-    tokenizer = hf_dir / "tokenizer.model"
-    final_tokenizer = output / "tokenizer.model" if tokenizer.is_file() else None
+    tokenizer, final_tokenizer = tokenizer_to_import(hf_dir, output)
     cfg = megatron_config_from_hf(hf, arch, output.resolve(), tensor_model_parallel_size,
                                   expert_model_parallel_size, final_tokenizer.resolve() if final_tokenizer else None,
                                   source)
@@ -190,8 +229,8 @@ def convert_hf_to_megatron(
             weights.close()
             save_checkpoint(tmp, model, None, cfg, 0)
             del model
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp / final_tokenizer.relative_to(output))
         recipe = Path(config_out) if config_out else output / CONFIG_NAME
         _write_recipe(cfg, tmp / CONFIG_NAME, recipe, output, hf_dir)
         commit_output(tmp, output)

@@ -1,4 +1,9 @@
-"""The project's sentencepiece model as a Hugging Face tokenizer (``tokenizer.json``).
+"""The run's tokenizer as a Hugging Face tokenizer (``tokenizer.json``) in an exported directory.
+
+A run whose ``data.tokenizer_model`` is already a Hugging Face tokenizer directory (an imported
+pretrained model's) is written back with ``save_pretrained`` as loaded from that directory
+(``save_hf_tokenizer`` / ``special_token_ids`` dispatch on ``data.tokenizer.resolve_tokenizer``).
+The rest of this module is about the project's own sentencepiece models.
 
 ``AutoTokenizer.from_pretrained(dir)`` must give the ids the model was trained on and decode them
 back to the exact text. The sentencepiece models from ``tools/train_tokenizer.py`` use the identity
@@ -29,7 +34,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from megatron_elastic.convert import ConversionError
 
@@ -48,11 +53,49 @@ def _load_proto(path: Path):
     return proto
 
 
+def resolve(path: Union[str, Path]) -> Tuple[str, Path]:
+    """``data.tokenizer.resolve_tokenizer`` with its errors as ``ConversionError`` (exit 2)."""
+    from megatron_elastic.data.tokenizer import resolve_tokenizer
+
+    try:
+        return resolve_tokenizer(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _load_hf_dir(directory: Path):
+    """The project's loader for a Hugging Face tokenizer directory (it checks for an EOS)."""
+    from megatron_elastic.data.huggingface_tokenizer import HuggingFaceTokenizer
+
+    try:
+        return HuggingFaceTokenizer(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _hf_special_token_ids(tokenizer) -> dict:
+    """The ids config.json records, as the Hugging Face tokenizer itself defines them (its pad
+    may be its EOS; the Megatron side's ``pad`` hides that only from the dataset code)."""
+    hf = tokenizer.hf_tokenizer
+    return {"unk": hf.unk_token_id, "bos": hf.bos_token_id, "eos": hf.eos_token_id,
+            "pad": hf.pad_token_id, "vocab_size": tokenizer.vocab_size}
+
+
 def special_token_ids(model_path: Union[str, Path]) -> dict:
-    """unk/bos/eos/pad ids (None where the model has no such piece) and the vocabulary size."""
+    """unk/bos/eos/pad ids (None where the tokenizer has no such token) and the vocabulary size,
+    for a sentencepiece model or a Hugging Face tokenizer directory."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    kind, model_path = resolve(model_path)
+    if kind == "huggingface":
+        return _hf_special_token_ids(_load_hf_dir(model_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    except (RuntimeError, OSError):
+        raise ConversionError(
+            f"{model_path} is not a sentencepiece model: pass --tokenizer-model with the .model "
+            "file or a Hugging Face tokenizer directory (with tokenizer.json)"
+        ) from None
 
     def _id(value: int) -> Optional[int]:
         return value if value >= 0 else None
@@ -138,24 +181,40 @@ def build_hf_tokenizer(model_path: Union[str, Path], model_max_length: Optional[
     )
 
 
+def _portable_tokenizer_config(out_dir: Path) -> None:
+    """transformers 5 records its own backend class name ("TokenizersBackend"); the generic
+    fast-tokenizer name loads the same tokenizer.json in transformers 4 and 5 alike. A specific
+    class (Qwen2Tokenizer, ...) is left as the tokenizer's authors wrote it."""
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.pop("backend", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def save_hf_tokenizer(
     model_path: Union[str, Path], out_dir: Union[str, Path], model_max_length: Optional[int] = None
 ) -> dict:
-    """Write tokenizer.json + tokenizer_config.json (and a copy of the .model) into ``out_dir``.
+    """Write tokenizer.json + tokenizer_config.json (and a copy of the .model) into ``out_dir``;
+    return ``special_token_ids``.
 
-    The sentencepiece file is kept as ``tokenizer.model`` so the directory can be converted back
-    to a training setup (``tools/convert_from_hf.py`` points ``data.tokenizer_model`` at it) and
-    so tools that prefer the sentencepiece file (llama.cpp's converter) find it.
+    A Hugging Face tokenizer directory is written with ``save_pretrained`` as it is (its own
+    ``model_max_length`` included: a pretrained tokenizer knows its model's context). A
+    sentencepiece file is converted and kept as ``tokenizer.model`` so the directory can be
+    converted back to a training setup (``tools/convert_from_hf.py`` points
+    ``data.tokenizer_model`` at it) and so tools that prefer the sentencepiece file (llama.cpp's
+    converter) find it.
     """
     out_dir = Path(out_dir)
+    kind, model_path = resolve(model_path)
+    if kind == "huggingface":
+        tokenizer = _load_hf_dir(model_path)
+        tokenizer.save_pretrained(out_dir)
+        _portable_tokenizer_config(out_dir)
+        return _hf_special_token_ids(tokenizer)
     tokenizer = build_hf_tokenizer(model_path, model_max_length)
     tokenizer.save_pretrained(str(out_dir))
-    # transformers 5 records its own backend class name; the generic fast-tokenizer name loads
-    # the same tokenizer.json in transformers 4 and 5 alike.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config.pop("backend", None)
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _portable_tokenizer_config(out_dir)
     shutil.copyfile(model_path, out_dir / "tokenizer.model")
     return special_token_ids(model_path)

@@ -89,15 +89,17 @@ def _tokenizer_path(cfg: Config, tokenizer_model) -> Optional[Path]:
         return None
     if tokenizer_model is not None:
         path = Path(tokenizer_model)
-        if not path.is_file():
+        if not path.exists():
             raise ConversionError(f"tokenizer model {path} does not exist")
         return path
     configured = cfg.data.tokenizer_model
-    if configured and Path(configured).is_file():
+    # A sentencepiece .model file or a Hugging Face tokenizer directory.
+    if configured and Path(configured).exists():
         return Path(configured)
     raise ConversionError(
         f"the checkpoint's tokenizer (data.tokenizer_model={configured!r}) is not available here: "
-        "pass --tokenizer-model path/to/spm.model, or --no-tokenizer to export the weights alone"
+        "pass --tokenizer-model path/to/spm.model (or a Hugging Face tokenizer directory), or "
+        "--no-tokenizer to export the weights alone"
     )
 
 
@@ -243,7 +245,8 @@ def convert_megatron_to_hf(
 
     ``architecture``: None/'auto' (Qwen3-MoE with QK-norm, Mixtral without), 'mixtral' or
     'qwen3_moe'. ``dtype``: None/'auto' keeps the stored dtype. ``tokenizer_model``: None uses the
-    checkpoint config's sentencepiece model, a path overrides it, False skips the tokenizer.
+    checkpoint config's tokenizer (sentencepiece model or Hugging Face directory), a path
+    overrides it, False skips the tokenizer.
     ``config``: describes a checkpoint that does not record its own. ``fallback_to_last_good``:
     a checkpoint that fails its manifest check exports the newest complete earlier one instead.
     ``inference_k``: a per-layer budget (one k per MoE layer, e.g. from tools/search_budget.py)

@@ -5,7 +5,9 @@ One job per module:
 * ``documents``  -- the jsonl/text reader every tool uses, and ``DataError`` (stdlib only);
 * ``corpus``     -- a jsonl corpus from the Python standard library's sources (stdlib only);
 * ``tokenizer_training`` -- training a lossless sentencepiece model;
-* ``tokenizer``  -- the sentencepiece wrapper megatron-core's datasets accept;
+* ``tokenizer``  -- ``load_tokenizer`` (a .model file or a Hugging Face directory) and the
+  sentencepiece wrapper megatron-core's datasets accept;
+* ``huggingface_tokenizer`` -- a Hugging Face tokenizer directory, through megatron-core's own;
 * ``preprocess`` -- documents -> Megatron ``.bin``/``.idx`` (+ the ``.meta.json`` record);
 * ``meta``       -- that record, and the sampled token-range check for data without one;
 * ``datasets``   -- training datasets, addressed micro-batches, blend parsing, vocabulary checks.

@@ -1,10 +1,11 @@
 """What a dataset's token ids need from the model: the ``<prefix>.meta.json`` sidecar.
 
 ``tools/preprocess_data.py`` writes ``<prefix>.meta.json`` beside ``<prefix>.bin/.idx`` with the
-largest token id it wrote, the tokenizer's size and path, and the sizes of the two data files. The
-trainer reads it before building the model: a token id at or above the model's vocabulary would
-index past the embedding (an ``IndexError`` on CPU, a device-side assert on GPU, minutes into a
-run). Data from other tools (Megatron-LM's own preprocessing, say) has no sidecar and gets a cheap
+largest token id it wrote, the tokenizer's size, path and content hash (of the sentencepiece
+``.model``, or of a Hugging Face directory's ``tokenizer.json``), and the sizes of the two data
+files. The trainer reads it before building the model: a token id at or above the model's
+vocabulary would index past the embedding (an ``IndexError`` on CPU, a device-side assert on GPU,
+minutes into a run). Data from other tools (Megatron-LM's own preprocessing, say) has no sidecar and gets a cheap
 sampled check instead: a few thousand tokens read from the memory-mapped ``.bin`` through
 megatron-core's ``IndexedDataset``. A sidecar whose recorded file sizes no longer match the data
 (the data was rewritten by something else) is ignored in favour of the sampled check.

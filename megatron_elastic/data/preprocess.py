@@ -18,7 +18,8 @@ Atomicity: data goes to temporary files next to the output that are renamed into
 the index is finalized; on any error they are deleted, so a failed run leaves no ``.bin``/``.idx``.
 
 Vocabulary record: ``{prefix}.meta.json`` beside the ``.idx`` holds the largest token id written,
-the tokenizer's size, path and hash, and the data files' sizes (``megatron_elastic.data.meta``);
+the tokenizer's size, path and hash (of the ``.model``, or of a Hugging Face directory's
+``tokenizer.json``), and the data files' sizes (``megatron_elastic.data.meta``);
 the trainer reads it before the first step. Command line: ``tools/preprocess_data.py``.
 """
 
@@ -44,7 +45,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from megatron_elastic.data.tokenizer import SentencePieceTokenizer
+    from megatron_elastic.data.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ _STATE: dict = {}
 
 def init_worker(model_path: str, json_key: str, append_eod: bool, dtype: type) -> None:
     _STATE.update(
-        tokenizer=SentencePieceTokenizer(model_path),
+        tokenizer=load_tokenizer(model_path),
         json_key=json_key,
         append_eod=append_eod,
         dtype=dtype,
@@ -74,7 +75,7 @@ def init_worker(model_path: str, json_key: str, append_eod: bool, dtype: type) -
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
-    tokenizer: SentencePieceTokenizer = _STATE["tokenizer"]
+    tokenizer = _STATE["tokenizer"]
     docs: List[List[int]] = []
     empty = blank = 0
     for text in chunk.documents(_STATE["json_key"]):
@@ -139,11 +140,12 @@ def preprocess(
 
     Raises:
         DataError: a missing or malformed input, or no non-empty documents.
-        FileNotFoundError, ValueError: the tokenizer model is missing or unusable.
+        FileNotFoundError, ValueError: the tokenizer (a sentencepiece .model or a Hugging Face
+            tokenizer directory) is missing or unusable.
     """
     inputs = [Path(path) for path in inputs]
     check_inputs(inputs)
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     prefix = output_prefix_for(str(output_prefix), json_key)

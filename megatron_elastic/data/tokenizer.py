@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer that Megatron-core's dataset code accepts as ``config.tokenizer``.
+"""Tokenizers that Megatron-core's dataset code accepts as ``config.tokenizer``; ``load_tokenizer``.
+
+``load_tokenizer(path)`` is the one place a ``data.tokenizer_model`` / ``--tokenizer-model`` value
+becomes a tokenizer: a sentencepiece ``.model`` file gives the ``SentencePieceTokenizer`` below, a
+Hugging Face tokenizer directory (``tokenizer.json``, as ``save_pretrained`` writes it) gives
+``megatron_elastic.data.huggingface_tokenizer.HuggingFaceTokenizer``. ``resolve_tokenizer`` says
+which without loading anything (the converters use it to decide what to copy or export).
 
 Why a wrapper instead of ``megatron.core.tokenizers.MegatronTokenizer.from_pretrained``: that path
 needs a ``metadata.json`` next to the model and routes through a generic library shim; training here
@@ -23,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy
 import sentencepiece as spm
@@ -31,6 +37,66 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 # The character sentencepiece substitutes for " " inside pieces.
 _SPM_SPACE = "\u2581"
+
+SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
+HF_TOKENIZER_JSON = "tokenizer.json"
+# A Hugging Face directory that ships a sentencepiece model names it so (Llama, Mixtral).
+HF_SENTENCEPIECE_NAME = "tokenizer.model"
+
+
+def resolve_tokenizer(path: Union[str, Path]) -> Tuple[str, Path]:
+    """``(kind, path)`` for a tokenizer path: ``("sentencepiece", file)`` or ``("huggingface", dir)``.
+
+    A directory is a Hugging Face tokenizer when it has ``tokenizer.json`` (a path to that file
+    means its directory); otherwise its
+    sentencepiece model (``tokenizer.model``, or its only ``*.model``) is used. Whether a file is
+    really a sentencepiece model is left to the loader, which reads it.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        ValueError: a directory with neither ``tokenizer.json`` nor one sentencepiece ``.model``.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == HF_TOKENIZER_JSON:
+        return HUGGINGFACE, path.parent  # its tokenizer_config.json (EOS, ...) is beside it
+    if path.is_file():
+        return SENTENCEPIECE, path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path}: point at a sentencepiece .model file or a Hugging Face "
+            f"tokenizer directory (with {HF_TOKENIZER_JSON})"
+        )
+    if (path / HF_TOKENIZER_JSON).is_file():
+        return HUGGINGFACE, path
+    if (path / HF_SENTENCEPIECE_NAME).is_file():
+        return SENTENCEPIECE, path / HF_SENTENCEPIECE_NAME
+    models = sorted(p for p in path.glob("*.model") if p.is_file())
+    if len(models) == 1:
+        return SENTENCEPIECE, models[0]
+    found = f"several .model files ({', '.join(p.name for p in models)})" if models else "no .model file"
+    raise ValueError(
+        f"tokenizer directory {path} has no {HF_TOKENIZER_JSON} and {found}: point at the "
+        f"sentencepiece .model file itself, or at a directory written by save_pretrained (with "
+        f"{HF_TOKENIZER_JSON})"
+    )
+
+
+def load_tokenizer(path: Union[str, Path]) -> MegatronTokenizerBase:
+    """The tokenizer at ``path`` (see ``resolve_tokenizer``), with the interface megatron-core
+    and this project use: vocab_size, eod, pad, encode/decode, tokenize/detokenize,
+    unique_identifiers (content hash in ``model_sha256``).
+
+    Raises:
+        FileNotFoundError, ValueError: as ``resolve_tokenizer`` and the tokenizer classes; each
+        message is one line naming the file and the fix.
+    """
+    kind, resolved = resolve_tokenizer(path)
+    if kind == HUGGINGFACE:
+        # transformers is imported only for Hugging Face tokenizers.
+        from megatron_elastic.data.huggingface_tokenizer import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(resolved)
+    return SentencePieceTokenizer(resolved)
 
 
 class SentencePieceTokenizer(MegatronTokenizerBase):
@@ -66,7 +132,8 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
             raise ValueError(
                 f"tokenizer {self.path} is not a sentencepiece model (sentencepiece cannot parse its "
                 f"{len(model_proto)} bytes): point at the .model file written by "
-                "tools/train_tokenizer.py (not the .vocab), or retrain it"
+                "tools/train_tokenizer.py (not the .vocab), or retrain it; a Hugging Face "
+                "tokenizer is given as its directory (with tokenizer.json)"
             ) from None
         if self._sp.eos_id() < 0:
             raise ValueError(

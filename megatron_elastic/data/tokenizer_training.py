@@ -272,6 +272,6 @@ def load_tokenizer(model_path: Path):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron_elastic.data.tokenizer import SentencePieceTokenizer
+        from megatron_elastic.data.tokenizer import load_tokenizer as load
 
-    return SentencePieceTokenizer(model_path)
+    return load(model_path)

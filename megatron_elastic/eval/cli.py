@@ -107,7 +107,7 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
     tokenizer, model, ckpt_dir, iteration)``. The run config is the checkpoint's own (or
     ``config_path``) with ``overrides``; a single process reshards any saved TP/EP layout."""
     from megatron_elastic import parallel
-    from megatron_elastic.data.tokenizer import SentencePieceTokenizer
+    from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.models.gpt import build_model
     from megatron_elastic.training.checkpoint import load_checkpoint, resolve_load_dir
 
@@ -140,7 +140,7 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
     env = parallel.initialize(cfg)
     check_environment(cfg)
     torch.manual_seed(cfg.train.seed)
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size)
     iteration = load_checkpoint(ckpt_dir, model, None, cfg, finetune=False)
     return cfg, env, tokenizer, model, ckpt_dir, iteration
