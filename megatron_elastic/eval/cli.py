@@ -102,10 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_iters: Optional[int] = None):
+def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_iters: Optional[int] = None,
+                  check_request=None):
     """A verified checkpoint loaded for evaluation under the current launch: ``(cfg, env,
     tokenizer, model, ckpt_dir, iteration)``. The run config is the checkpoint's own (or
-    ``config_path``) with ``overrides``; a single process reshards any saved TP/EP layout."""
+    ``config_path``) with ``overrides``; a single process reshards any saved TP/EP layout.
+    ``check_request(cfg)`` runs once the config is known and before anything is built, so a
+    request the model cannot serve fails first, with its own message."""
     from megatron_elastic import parallel
     from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.models.gpt import build_model
@@ -134,6 +137,8 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
             raise EvalError(f"--eval-iters {eval_iters} must be >= 1")
         overrides.append(f"train.eval_iters={eval_iters}")
     cfg = _load_run_config(ckpt_dir, config_path, overrides)
+    if check_request is not None:
+        check_request(cfg)
 
     from megatron_elastic.train import check_environment
 
@@ -169,11 +174,14 @@ def run(args: argparse.Namespace) -> dict:
     ks = parse_ks(args.ks)
     budgets = parse_budgets(args.budgets)
     top_ps = parse_top_ps(args.top_p)
+    def check_request(cfg) -> None:
+        check_settings(ks if ks is not None else default_ks(cfg), budgets, top_ps, cfg.model.num_layers,
+                       cfg.model.num_moe_experts)
+
     cfg, env, tokenizer, model, ckpt_dir, common_iteration = load_for_eval(
-        args.load, args.config, args.overrides, args.eval_iters)
+        args.load, args.config, args.overrides, args.eval_iters, check_request)
     if ks is None:
         ks = default_ks(cfg)
-    check_settings(ks, budgets, top_ps, cfg.model.num_layers, cfg.model.num_moe_experts)
     reader = split_reader(cfg, tokenizer, args.split)
     t = cfg.train
     say = (lambda msg: print(msg, flush=True)) if env.rank == 0 else None
