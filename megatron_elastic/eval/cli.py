@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -204,26 +204,37 @@ def default_output_dir(ckpt_dir: Path) -> Path:
     return ckpt_dir.parent / "elastic_eval" / ckpt_dir.name
 
 
-def main(argv=None) -> int:
+def run_command(body: Callable[[], None]) -> int:
+    """The tail every evaluation command line shares: ``body()`` under wandb-off, a user error
+    (bad request, config, checkpoint, rendezvous) printed as one line with exit 2, and the
+    process group torn down however it ends."""
     from megatron_elastic import parallel
     from megatron_elastic.config import ConfigError
     from megatron_elastic.training.checkpoint import CheckpointError
 
     os.environ.setdefault("WANDB_MODE", "disabled")
-    args = parse_args(argv)
     try:
-        results = run(args)
-        if results.pop("rank", 0) == 0:
-            out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(results["checkpoint"]))
-            paths = write_outputs(results, out)
-            print(paths["txt"].read_text(), end="", flush=True)
-            print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+        body()
     except (EvalError, ConfigError, CheckpointError, parallel.RendezvousError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
         parallel.destroy()
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body() -> None:
+        results = run(args)
+        if results.pop("rank", 0) == 0:
+            out = Path(args.output_dir) if args.output_dir else default_output_dir(Path(results["checkpoint"]))
+            paths = write_outputs(results, out)
+            print(paths["txt"].read_text(), end="", flush=True)
+            print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

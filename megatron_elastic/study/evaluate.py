@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_elastic.eval.budget import budgets_for_targets, greedy_path
+from megatron_elastic.eval.budget_cli import search_budgets
 from megatron_elastic.eval.routing_pass import Pass, collect
 from megatron_elastic.study import diagnostics as diag
 
@@ -79,25 +79,11 @@ def evaluate_run(load: str, eval_spec: dict, overrides: List[str], summary: Opti
     diagnostics = layer_diagnostics(passes, k_ref) if passes and passes[ks[0]].maps else {}
     passes.clear()
 
-    # Per-layer budget search on the calibration (valid) set, scored on the held-out (test) set.
+    # Per-layer budget search on the calibration (valid) set, scored on the held-out (test) set
+    # next to the uniform k' losses measured above.
     targets = sorted(float(t) for t in eval_spec.get("budget_mean_ks") or [])
-    search = None
-    if targets:
-        def calib_loss(budget: List[int]) -> float:
-            set_inference_k(model, budget)
-            return collect(model, readers["valid"], iters, keep=False).loss
-
-        path = greedy_path(n_layers, 1, max(ks), calib_loss, flops, max(targets))
-        chosen = budgets_for_targets(path, targets)
-        held_out = []
-        for target, budget in chosen.items():
-            set_inference_k(model, budget)
-            loss = collect(model, readers["test"], iters, keep=False).loss
-            held_out.append({"target_mean_k": target, "budget": budget, "mean_k": sum(budget) / n_layers,
-                             "test_loss": loss, "flops": flops(budget)})
-            say(f"budget {budget} (mean k {sum(budget) / n_layers:g}): test {loss:.4f}")
-        search = {"method": "greedy, +1 expert per step by loss drop per FLOP on the valid set",
-                  "path": path, "budgets": held_out}
+    search = (search_budgets(model, cfg, readers["valid"], readers["test"], targets, max(ks), iters,
+                             known_held_out=losses["test"], say=say) if targets else None)
     set_inference_k(model, None)
 
     train = dict(summary or {})
@@ -144,14 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from megatron_elastic import parallel
-    from megatron_elastic.config import ConfigError
-    from megatron_elastic.eval.settings import EvalError
-    from megatron_elastic.training.checkpoint import CheckpointError
+    from megatron_elastic.eval.cli import run_command
 
-    os.environ.setdefault("WANDB_MODE", "disabled")
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         summary = None
         if args.train_summary and Path(args.train_summary).is_file():
             summary = json.loads(Path(args.train_summary).read_text())
@@ -164,12 +147,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
         print(f"wrote {out}", flush=True)
-    except (EvalError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        parallel.destroy()
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
