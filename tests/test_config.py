@@ -117,6 +117,10 @@ def test_missing_config_file():
         (["model.moe_expert_capacity_factor=1.0", "model.moe_router_load_balancing_type=sinkhorn"],
          "does not work with model.moe_router_load_balancing_type=sinkhorn"),
         (["model.moe_expert_capacity_factor=0"], "moe_expert_capacity_factor=0.0 must be > 0"),
+        (["model.moe_expert_capacity_factor=1.0", "model.moe_pad_expert_input_to_capacity=true",
+          "elastic.schedule=layerwise", "elastic.k_min=1", "elastic.k_max=3",
+          "parallel.expert_model_parallel_size=2"],
+         "expert-parallel ranks hold different micro-batches, which draw different k"),
         (["model.moe_aux_loss_coeff=-1"], "model.moe_aux_loss_coeff=-1.0 must be >= 0"),
         # Megatron's TransformerConfig: "Please use --moe-router-pre-softmax when topk is 1".
         (["model.moe_router_topk=1", "elastic.k_min=1", "elastic.k_max=1", "elastic.pool_ratio=null"],

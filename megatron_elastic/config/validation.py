@@ -206,6 +206,19 @@ def _validate_moe(cfg) -> None:
             "model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor"
             " (e.g. 1.0): set one, or set the padding to false"
         )
+    if (m.moe_pad_expert_input_to_capacity and cfg.elastic.schedule in ("microbatch", "layerwise")
+            and cfg.parallel.expert_model_parallel_size > 1):
+        # k is drawn per global micro-batch (moe/context.py), so the ranks of an expert-parallel
+        # group route one layer with different k at once; padded buffers sized by k would then
+        # differ in shape across the equal-split all-to-all.
+        raise ConfigError(
+            f"model.moe_pad_expert_input_to_capacity=true with elastic.schedule="
+            f"{cfg.elastic.schedule} and parallel.expert_model_parallel_size="
+            f"{cfg.parallel.expert_model_parallel_size}: expert-parallel ranks hold different "
+            "micro-batches, which draw different k, so padded expert buffers would differ in "
+            "shape between them. Set model.moe_pad_expert_input_to_capacity=false (token dropping "
+            "with the capacity factor still works), or use elastic.schedule=batch"
+        )
     # Megatron's TransformerConfig refuses top-1 routing with renormalised softmax gates: the
     # single selected expert's gate is softmax over one logit, always 1, so the router would
     # get no gradient from the language-model loss. It sees the largest k any step routes

@@ -4,7 +4,7 @@ What it adds to ``TopKRouter`` (everything else, z-loss, capacity dropping, the 
 tracker, expert bias, is inherited):
 
 * **k per layer and step** (M-MoE). Training draws k_l from the layer's ``KSampler`` keyed by
-  (seed, iteration, micro-batch, layer); evaluation uses the inference k set by
+  (seed, iteration, global micro-batch, layer) (moe/context.py says why global); evaluation uses the inference k set by
   ``megatron_elastic.moe.control`` (default: the training k, or k_max for varying schedules).
   ``self.topk`` is set to k_l before routing, so Megatron's own top-k, capacity and
   load-balancing code run at k_l and the load-balancing loss is normalised by the k actually used.
@@ -116,7 +116,7 @@ class ElasticRouter(TopKRouter):
     def _layer_index(self) -> int:
         return (self.layer_number or 1) - 1
 
-    def _step_k(self) -> Optional[int]:
+    def _step_k(self, micro_batch_size: int) -> Optional[int]:
         """This forward's k, or None when k is decided per token (top-p)."""
         if self.training:
             if self.sampler is None:
@@ -124,7 +124,8 @@ class ElasticRouter(TopKRouter):
             if self.sampler.per_token:
                 return None
             ctx = self.context
-            return self.sampler.k_for(ctx.iteration, ctx.microbatch, self._layer_index())
+            return self.sampler.k_for(ctx.iteration, ctx.global_microbatch(micro_batch_size),
+                                      self._layer_index())
         if self.eval_top_p is not None:
             return None
         return self.eval_k if self.eval_k is not None else self.default_eval_k
@@ -166,7 +167,7 @@ class ElasticRouter(TopKRouter):
 
     # ------------------------------------------------------------------ routing
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        k = self._step_k()
+        k = self._step_k(logits.shape[1])  # logits are [s, b, experts]
         use_pool = self.training and self.pool_ratio is not None and k is not None
         if k is not None and not use_pool:
             self.topk = k

@@ -166,7 +166,7 @@ def test_training_k_per_layer_comes_from_sampler():
     differs = False
     for it in range(6):
         for mb in range(2):
-            model_forward(model, it, mb)
+            model_forward(model, it, mb, offset=mb * BATCH)  # one data-parallel rank
             ks = [r.last_k for r in routers]
             assert ks == [sampler.k_for(it, mb, r.layer_number - 1) for r in routers]
             for r, k in zip(routers, ks):
@@ -176,6 +176,27 @@ def test_training_k_per_layer_comes_from_sampler():
             seen.update(ks)
             differs |= ks[0] != ks[1]
     assert len(seen) >= 3 and differs, "schedule did not vary k across steps/layers"
+
+
+@pytest.mark.parametrize("schedule", ["microbatch", "layerwise"])
+def test_k_draw_is_keyed_by_global_microbatch(schedule):
+    """A sample draws the same k whatever the data-parallel size: DP = 1 routes global
+    micro-batch g as its local micro-batch g, DP = 2 as local micro-batch g // 2 on rank g % 2.
+    (Keyed by the local index, DP = 2 would give samples of g = 1 the draw of g = 0.)"""
+    cfg, model = build_small_model({"elastic.schedule": schedule, "elastic.k_min": 1, "elastic.k_max": 4})
+    routers = recording_routers(model)
+    model.train()
+    local_keyed_would_differ = False
+    for it in range(4):
+        for g in range(4):
+            model_forward(model, it, g, offset=g * BATCH)
+            dp1 = [r.last_k for r in routers]
+            model_forward(model, it, g // 2, offset=(g // 2) * 2 * BATCH + (g % 2) * BATCH)
+            dp2 = [r.last_k for r in routers]
+            assert dp1 == dp2 == [routers[0].sampler.k_for(it, g, r.layer_number - 1) for r in routers]
+            local_keyed_would_differ |= dp1 != [routers[0].sampler.k_for(it, g // 2, r.layer_number - 1)
+                                                for r in routers]
+    assert local_keyed_would_differ, "draws never depend on the micro-batch: the test proves nothing"
 
 
 def test_candidate_pool_selects_k_of_top_k_ideal():

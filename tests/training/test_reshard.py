@@ -10,12 +10,11 @@ from helpers import run_distributed, tiny_overrides, train_run
 
 pytestmark = pytest.mark.slow
 
-# EMoE (fixed k, candidate pool keyed by global token ids, router loss): layout-independent draws.
-# M-MoE's micro-batch and layer-wise draws are keyed by the rank-local micro-batch index, which
-# every data-parallel rank shares, so a run under another data-parallel size draws other k for
-# some samples: those schedules resume under another layout correctly but not bit-compatibly.
-ELASTIC = {"elastic.schedule": "fixed", "elastic.k_min": 2, "elastic.k_max": 2,
-           "elastic.pool_ratio": 1.5, "elastic.router_loss_coeff": 1e-3}
+# M-MoE layer-wise k with an EMoE candidate pool and the router loss: k draws are keyed by the
+# global micro-batch and pool draws by global token ids (moe/context.py), so both are the same
+# under any data-parallel size and the resumed run can match the uninterrupted one exactly.
+ELASTIC = {"elastic.schedule": "layerwise", "elastic.k_min": 1, "elastic.k_max": 2,
+           "elastic.pool_ratio": 2.0, "elastic.router_loss_coeff": 1e-3}
 
 
 def _overrides(data, tmp_path, ckpt, ep: int) -> list:
