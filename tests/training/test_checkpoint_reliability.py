@@ -262,7 +262,10 @@ def _start(cmd, log: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     env.pop("MASTER_PORT", None)
     f = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    # Its own process group, so that _finish can reap what a SIGKILLed trainer leaves behind
+    # (checkpoint writer workers outlive their parent; a scheduler would kill the job's cgroup).
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     proc._log_file = f  # closed by _finish
     return proc
 
@@ -271,6 +274,10 @@ def _finish(proc, timeout=120):
     try:
         return proc.wait(timeout=timeout)
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing of the group left
+            pass
         proc._log_file.close()
 
 
