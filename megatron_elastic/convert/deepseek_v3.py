@@ -305,8 +305,8 @@ def megatron_fields(config) -> dict:
 
     ``moe_layer_freq`` is the explicit 0/1 pattern (0 = dense), ``moe_router_num_groups`` /
     ``moe_router_group_topk`` are left unset where the group limit is a no-op (so elastic k is
-    unrestricted there), and the expert bias is kept fixed (update rate 0) unless training
-    enables Megatron's aux-loss-free balancing.
+    unrestricted there), and the expert bias is updated at DeepSeek-V3's speed (1e-3) by
+    Megatron's aux-loss-free balancing when training continues.
     """
     shape = shape_from_hf(config)
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -334,7 +334,7 @@ def megatron_fields(config) -> dict:
         "moe_router_topk": int(config.num_experts_per_tok),
         "moe_router_score_function": "sigmoid",
         "moe_router_enable_expert_bias": True,
-        "moe_router_bias_update_rate": 0.0,
+        "moe_router_bias_update_rate": 1e-3,
         "moe_router_num_groups": int(config.n_group) if active else None,
         "moe_router_group_topk": int(config.topk_group) if active else None,
         "moe_router_topk_scaling_factor": float(config.routed_scaling_factor),

@@ -42,10 +42,10 @@ VARIANTS = {
 ELASTIC_K = {"v3": [5], "v2_lite": [2, 5, 8], "moonlight": [3, 8]}
 
 
-def hf_model(name: str):
+def hf_model(name: str, variants: dict = VARIANTS):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    config = DeepseekV3Config(**{**BASE, **VARIANTS[name]})
+    config = DeepseekV3Config(**{**BASE, **variants[name]})
     model = DeepseekV3ForCausalLM(config).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
