@@ -142,6 +142,14 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = Fal
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         _use_sequence_parallel_norm(spec)
+        if m.multi_latent_attention and m.qk_layernorm:
+            # The TE spec fuses MLA's latent norms into the up-projections (layer_norm_weight);
+            # save the local spec's separate norms under those names, as Megatron's own local
+            # spec does for its standard layer, so MLA checkpoints load on either spec.
+            spec.submodules.sharded_state_dict_keys_map = {
+                "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+                "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+            }
     spec = copy.deepcopy(spec)
     if not stock_moe:
         moe = spec.submodules.mlp

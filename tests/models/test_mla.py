@@ -62,3 +62,21 @@ def test_router_refuses_inference_k_outside_the_group_width(one_process_parallel
         router.set_inference(k=3)
     with pytest.raises(ValueError, match="inference top-p chooses from the plain router scores"):
         router.set_inference(top_p=0.5)
+
+
+def test_checkpoint_keys_are_the_transformer_engine_specs(one_process_parallel):
+    """Megatron-core's TE spec fuses MLA's q/kv latent norms into linear_q_up_proj /
+    linear_kv_up_proj (``layer_norm_weight``); the local spec saves its separate norms under those
+    keys, so a checkpoint moves between CPU and GPU runs (and the DeepSeek export reads either)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+
+    seed_all(1)
+    model = build_model(config(dict(vocab_size=64)), 64)
+    keys = {v.key for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedTensor)}
+    assert "decoder.layers.self_attention.linear_q_up_proj.layer_norm_weight" in keys
+    assert "decoder.layers.self_attention.linear_kv_up_proj.layer_norm_weight" in keys
+    assert not any("q_layernorm" in k or "kv_layernorm" in k for k in keys)
