@@ -346,6 +346,8 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
             del model
         tensors = ds.megatron_to_hf(state, shape, str(ckpt_dir))
         del state
+        # The whole model is the one group this export holds (see the module docstring).
+        result.max_group_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name in ds.hf_param_shapes(shape):
             if name in tensors:
@@ -353,6 +355,8 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
                 # The expert bias stays fp32, as transformers keeps it (_keep_in_fp32_modules_strict).
                 writer.add(name, tensor if name.endswith("e_score_correction_bias") else tensor.to(out_dtype))
                 result.num_tensors += 1
+                result.max_shard_bytes = max(result.max_shard_bytes, writer.buffer_bytes)
+        result.peak_tracked_bytes = result.max_group_bytes + result.max_shard_bytes
         result.shards = writer.finish()
         result.total_bytes = writer.total_bytes
         config = DeepseekV3Config(
