@@ -240,7 +240,7 @@ def check_supported(config, source: str = "config.json") -> None:
     if not getattr(config, "norm_topk_prob", True):
         problems.append("norm_topk_prob=false (Megatron's sigmoid router always renormalises the selected "
                         "gates for k > 1)")
-    n_group, topk_group = int(config.n_group or 1), int(config.topk_group or 1)
+    n_group = int(config.n_group or 1)
     if config.n_routed_experts % n_group:
         problems.append(f"n_routed_experts={config.n_routed_experts} not divisible by n_group={n_group}")
     if problems:
@@ -369,9 +369,6 @@ def hf_config_kwargs(fields: Mapping, rope_interleave: bool = True) -> dict:
         )
     if fields.get("moe_router_score_function", "sigmoid") != "sigmoid" or fields.get("moe_router_pre_softmax"):
         raise ConversionError("DeepSeek-V3 routes with sigmoid scores, renormalised after top-k")
-    if not fields.get("moe_router_enable_expert_bias", False):
-        # Without a bias the router is DeepSeek's with a zero e_score_correction_bias.
-        pass
     return dict(
         vocab_size=int(fields["vocab_size"]),
         hidden_size=int(fields["hidden_size"]),

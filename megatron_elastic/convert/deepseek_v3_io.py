@@ -344,6 +344,11 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
             load_checkpoint(ckpt_dir, model, None, build_cfg, finetune=True)
             state = {k: v.detach() for k, v in _model_state(model).items() if not k.endswith("local_tokens_per_expert")}
             del model
+        if not cfg.model.moe_router_enable_expert_bias:
+            # A router without the bias is DeepSeek's with a zero e_score_correction_bias.
+            for name in list(state):
+                if name.endswith("mlp.router.weight"):
+                    state[name.replace(".weight", ".expert_bias")] = torch.zeros(state[name].shape[0])
         tensors = ds.megatron_to_hf(state, shape, str(ckpt_dir))
         del state
         # The whole model is the one group this export holds (see the module docstring).

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conversion_helpers import read_safetensors, record_diff
-from test_deepseek_v3 import BASE, SEQ, TOL, VARIANTS, hf_model, tokens
+from test_deepseek_v3 import SEQ, TOL, VARIANTS, hf_model, tokens
 from megatron_elastic.convert import ConversionError
 
 # What the model section here can build: no shared experts, no dense layers (see deepseek_v3_io).
@@ -182,3 +182,38 @@ def test_mla_checkpoint_refuses_other_architectures():
                                           qk_layernorm=True)}, source="t").validate()
     with pytest.raises(ConversionError, match="multi-latent attention: export it as deepseek_v3"):
         choose_architecture(cfg, "auto")
+
+
+@pytest.mark.slow
+def test_megatron_mla_model_exports_with_its_schedule(one_process_parallel, tmp_path):
+    """A model built here (MLA, sigmoid router without expert bias, gate scale, layerwise k in
+    [2, 4]) exports as DeepseekV3ForCausalLM reproducing Megatron's logits at the default k
+    (k_max) and at other k', with its schedule under elastic_moe."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion_helpers import perturb_norms
+    from megatron_elastic.config import Config
+    from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.training.checkpoint import save_checkpoint
+
+    cfg = Config.from_dict({"model": dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=4, multi_latent_attention=True,
+        q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, qk_layernorm=True,
+        num_moe_experts=8, moe_ffn_hidden_size=16, moe_router_topk=4, moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=1.5, norm_epsilon=1e-6, vocab_size=96, seq_length=SEQ,
+        max_position_embeddings=64, init_method_std=0.2),
+        "elastic": {"schedule": "layerwise", "k_min": 2, "k_max": 4}}, source="test").validate()
+    seed_all(3)
+    model = build_model(cfg, 96)
+    perturb_norms(model)
+    save_checkpoint(tmp_path / "ckpt", model, None, cfg, 0)
+    convert_megatron_to_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer_model=False, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM" and hf.config.num_experts_per_tok == 4
+    assert hf.config.elastic_moe["schedule"] == "layerwise" and hf.config.elastic_moe["k_min"] == 2
+    assert not any(layer.mlp.gate.e_score_correction_bias.any() for layer in hf.model.layers)
+    for k in (None, 2, 3):
+        diff = record_diff(f"deepseek export native k={k}", project_logits(model, k), hf_logits(hf, k))
+        assert diff < TOL, (k, diff)
