@@ -217,3 +217,36 @@ def test_megatron_mla_model_exports_with_its_schedule(one_process_parallel, tmp_
     for k in (None, 2, 3):
         diff = record_diff(f"deepseek export native k={k}", project_logits(model, k), hf_logits(hf, k))
         assert diff < TOL, (k, diff)
+
+
+def ep2_logits_worker(rank, world_size, imported):
+    """Rank of an expert-parallel (EP = 2) load of an imported DeepSeek checkpoint."""
+    from pathlib import Path
+
+    from megatron_elastic import parallel
+    from megatron_elastic.config import load_config
+
+    parallel.initialize(load_config(Path(imported) / "megatron_config.yaml"))
+    try:
+        _, model = load_imported(Path(imported))
+        assert len(model.decoder.layers[0].mlp.experts.local_experts) == 8  # 16 experts over 2 ranks
+        return {str(k): project_logits(model, k) for k in (None, 5)}
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_import_loads_expert_parallel(tmp_path):
+    """The recipe's EP = 2 layout loads the one-process import (dist_checkpointing reshards) and the
+    two ranks reproduce HF's logits with grouped routing and the expert bias."""
+    from helpers import run_distributed
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    hf, directory = saved_hf("grouped", tmp_path)
+    convert_hf_to_megatron(directory, tmp_path / "imported", expert_model_parallel_size=2, progress=False)
+    ranks = run_distributed(ep2_logits_worker, 2, str(tmp_path / "imported"), tmp_dir=tmp_path)
+    for rank in ranks:
+        for k in (None, 5):
+            diff = record_diff(f"deepseek import grouped EP=2 k={k}", rank[str(k)], hf_logits(hf, k or 4))
+            assert diff < TOL, (k, diff)
