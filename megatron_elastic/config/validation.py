@@ -312,6 +312,11 @@ def _validate_mla_and_sigmoid_routing(cfg) -> None:
         ks = set(range(cfg.elastic_k_min, cfg.elastic_k_max + 1))
         if e.eval_k is not None:
             ks |= set(e.eval_k if isinstance(e.eval_k, list) else [e.eval_k])
+        reachable = group_topk * (m.num_moe_experts // groups)
+        if max(ks) > reachable:
+            raise ConfigError(
+                f"k={max(ks)} exceeds the {reachable} experts of the model.moe_router_group_topk={group_topk} "
+                f"groups a token may use: lower the k range / elastic.eval_k, or raise the group top-k")
         widths = {k // group_topk for k in ks}
         if len(widths) != 1 or 0 in widths:
             width = max(1, cfg.elastic_k_max // group_topk)

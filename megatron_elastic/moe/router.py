@@ -110,6 +110,8 @@ class ElasticRouter(TopKRouter):
         if top_p is not None and (self.enable_expert_bias or group_topk):
             raise ValueError("inference top-p chooses from the plain router scores, without the expert "
                              "bias or the group limit this router selects with: set a k instead")
+        if k is not None and group_topk and k > group_topk * (self.num_experts // self.config.moe_router_num_groups):
+            raise ValueError(f"k'={k} exceeds the experts of the {group_topk} groups a token may use")
         if k is not None and group_topk and k // group_topk != self.k_max // group_topk:
             raise ValueError(
                 f"k'={k} with group-limited routing (group_topk={group_topk}): Megatron-core ranks groups "

@@ -11,7 +11,7 @@ from megatron_elastic.config import Config, ConfigError
 
 MLA = dict(num_attention_heads=4, num_query_groups=4, multi_latent_attention=True, q_lora_rank=16,
            kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, qk_layernorm=True,
-           num_moe_experts=8, moe_router_topk=4, moe_router_score_function="sigmoid")
+           num_moe_experts=16, moe_router_topk=4, moe_router_score_function="sigmoid")
 
 
 def config(model=None, elastic=None):
@@ -31,6 +31,8 @@ def config(model=None, elastic=None):
      r"k values \[2, 3, 4, 5\] .* within one width, e.g. \[4, 5\]"),
     (dict(moe_router_num_groups=4, moe_router_group_topk=2), dict(eval_k=2), r"k values \[2, 4\]"),
     (dict(moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk=1), None, r"k values \[1\]"),
+    (dict(moe_router_num_groups=4, moe_router_group_topk=1), dict(schedule="layerwise", k_min=4, k_max=5),
+     r"k=5 exceeds the 4 experts of the model.moe_router_group_topk=1 groups"),
     (dict(moe_router_enable_expert_bias=True), dict(schedule="layerwise", k_min=2, k_max=4, pool_ratio=2.0),
      r"choose experts from the plain router scores"),
     (dict(moe_router_num_groups=4, moe_router_group_topk=2), dict(schedule="top_p", top_p=0.5, k_min=4, k_max=5),
@@ -44,7 +46,7 @@ def test_refusals_name_the_key_and_the_fix(model, elastic, message):
 def test_accepted_deepseek_style_configs():
     config(dict(moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
                 moe_router_topk_scaling_factor=2.5), dict(schedule="layerwise", k_min=4, k_max=5, eval_k=5))
-    config(dict(q_lora_rank=None, moe_router_enable_expert_bias=True), dict(schedule="batch", k_min=1, k_max=8))
+    config(dict(q_lora_rank=None, moe_router_enable_expert_bias=True), dict(schedule="batch", k_min=1, k_max=16))
 
 
 def test_router_refuses_inference_k_outside_the_group_width(one_process_parallel):
@@ -60,6 +62,8 @@ def test_router_refuses_inference_k_outside_the_group_width(one_process_parallel
     router.set_inference(k=5)
     with pytest.raises(ValueError, match=r"k'=3 with group-limited routing .* lie in \[4, 5\]"):
         router.set_inference(k=3)
+    with pytest.raises(ValueError, match=r"k'=9 exceeds the experts of the 2 groups"):
+        router.set_inference(k=9)
     with pytest.raises(ValueError, match="inference top-p chooses from the plain router scores"):
         router.set_inference(top_p=0.5)
 
