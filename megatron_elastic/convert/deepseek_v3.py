@@ -41,6 +41,9 @@ mlp.shared_experts.linear_fc1.weight [2S, h]            mlp.shared_experts.{gate
 mlp.shared_experts.linear_fc2.weight [h, S]             mlp.shared_experts.down_proj.weight
 =====================================================  ==========================================
 
+(In distributed checkpoints the latent norms are stored under the TE spec's names,
+``linear_{q,kv}_up_proj.layer_norm_weight``: ``models/gpt.layer_spec`` maps them.)
+
 Both sides lay a head's query as [nope | rope] and kv_b_proj's output per head as [k_nope | v],
 so those matrices map as they are. (*) RoPE: Megatron-core's MLA reads the rope dims as
 interleaved pairs (x0, x1), (x2, x3), ... (``_apply_rotary_pos_emb_bshd`` with
