@@ -22,7 +22,9 @@ upstream symbol it replaces (megatron-core 0.16.1, torch 2.13):
                                                  (gloo has no uneven all_gather/reduce_scatter)
 
 On every machine, GPU included: ``moe.moe_utils.te_general_gemm`` is defined as None when Transformer
-Engine is absent (0.16.1 reads it unguarded). ``enable()`` is idempotent. One Megatron-core private is
+Engine is absent (0.16.1 reads it unguarded), and so are ``transformer.multi_latent_attention``'s
+``TELinear`` / ``TEColumnParallelLinear`` replaced by a class nothing is an instance of (without TE,
+0.16.1 subclasses a ``MagicMock`` there, so MLA's ``isinstance(self.linear_proj, TELinear)`` raises). ``enable()`` is idempotent. One Megatron-core private is
 touched outside this module, for a reason that is not CUDA: ``training/checkpoint.py``'s
 ``protect_checkpoint_writer`` (see its docstring).
 """
@@ -233,14 +235,29 @@ def _uneven_collectives_over_gloo() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
+class _AbsentTransformerEngineClass:
+    """Stands in for a Transformer Engine class when TE is not installed (never instantiated)."""
+
+
 def _patch_missing_te_symbols() -> None:
     """megatron-core 0.16.1's router_gating_linear reads ``te_general_gemm`` even when TE is not
     installed (the import that would define it is skipped): define it as None so the plain torch
-    path is taken. Needed on any machine without Transformer Engine, GPU or not."""
+    path is taken; and MLA's TE class names must be classes (see below). Needed on any machine
+    without Transformer Engine, GPU or not."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    # Without TE, megatron.core.extensions.transformer_engine defines its TE classes by
+    # subclassing a MagicMock, which yields MagicMock *instances*: MLA's isinstance checks on them
+    # raise TypeError. A class no module is an instance of keeps MLA's non-TE branches, which is
+    # what those checks select when TE is absent.
+    for name in ("TELinear", "TEColumnParallelLinear"):
+        if not isinstance(getattr(mla, name, None), type):
+            setattr(mla, name, _AbsentTransformerEngineClass)
 
 
 def enable() -> None:

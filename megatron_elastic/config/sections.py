@@ -50,6 +50,22 @@ class ModelConfig:
     moe_pad_expert_input_to_capacity: bool = False
     moe_router_dtype: Optional[str] = "fp32"
     moe_per_layer_logging: bool = True
+    # Multi-latent attention (DeepSeek-V2/V3; Megatron-core MLATransformerConfig names). With it,
+    # kv_channels is unused, num_query_groups must equal num_attention_heads, and qk_layernorm
+    # switches on the q/kv latent norms.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None  # null: one linear_q_proj, no query compression
+    kv_lora_rank: Optional[int] = None
+    qk_head_dim: Optional[int] = None  # per-head query/key dims without position embedding
+    qk_pos_emb_head_dim: Optional[int] = None  # per-head rotary dims (a key part shared by heads)
+    v_head_dim: Optional[int] = None
+    # DeepSeek-style routing (sigmoid scores): a selection-only expert bias updated by Megatron's
+    # aux-loss-free balancing (rate 0 keeps it fixed), group-limited top-k, a gate scale.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
 
 
 @dataclass

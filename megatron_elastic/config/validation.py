@@ -110,6 +110,7 @@ def validate(cfg) -> None:
     _validate_ranges(cfg)
     _validate_moe(cfg)
     _validate_elastic(cfg)
+    _validate_mla_and_sigmoid_routing(cfg)
 
 
 def _validate_ranges(cfg) -> None:
@@ -285,6 +286,64 @@ def _validate_elastic(cfg) -> None:
         for k in ks:
             if not isinstance(k, int) or not 1 <= k <= n:
                 raise ConfigError(f"elastic.eval_k value {k!r} must be an int in [1, {n}]")
+
+
+def _validate_mla_and_sigmoid_routing(cfg) -> None:
+    """Multi-latent attention and DeepSeek-style routing (expert bias, group-limited top-k)."""
+    m, e = cfg.model, cfg.elastic
+    if m.multi_latent_attention:
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            value = getattr(m, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}={value!r}: multi-latent attention needs a positive int")
+        if m.q_lora_rank is not None and (not isinstance(m.q_lora_rank, int) or m.q_lora_rank < 1):
+            raise ConfigError(f"model.q_lora_rank={m.q_lora_rank!r} must be a positive int, or null "
+                              "for an uncompressed query")
+        if m.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"model.qk_pos_emb_head_dim={m.qk_pos_emb_head_dim} must be even (RoPE "
+                              "rotates pairs of dims)")
+        if m.num_query_groups != m.num_attention_heads:
+            raise ConfigError(
+                f"model.num_query_groups={m.num_query_groups}: multi-latent attention has one key/value "
+                f"head per query head; set model.num_query_groups={m.num_attention_heads}")
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        raise ConfigError("model.moe_router_enable_expert_bias=true needs "
+                          "model.moe_router_score_function=sigmoid (Megatron-core's aux-loss-free balancing)")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("model.moe_router_num_groups and model.moe_router_group_topk go together: set "
+                          "both (group-limited top-k) or neither")
+    if groups is not None:
+        if groups < 1 or m.num_moe_experts % groups or not 1 <= group_topk <= groups:
+            raise ConfigError(
+                f"group-limited routing needs model.num_moe_experts={m.num_moe_experts} divisible by "
+                f"model.moe_router_num_groups={groups} and 1 <= model.moe_router_group_topk={group_topk} "
+                "<= the number of groups")
+        # Megatron-core ranks groups by the sum of their top-(k // group_topk) scores: with elastic
+        # k that width, and so the groups a token may use, would change with k (k < group_topk
+        # scores every group 0). Every k this run routes with must share one width.
+        ks = set(range(cfg.elastic_k_min, cfg.elastic_k_max + 1))
+        if e.eval_k is not None:
+            ks |= set(e.eval_k if isinstance(e.eval_k, list) else [e.eval_k])
+        reachable = group_topk * (m.num_moe_experts // groups)
+        if max(ks) > reachable:
+            raise ConfigError(
+                f"k={max(ks)} exceeds the {reachable} experts of the model.moe_router_group_topk={group_topk} "
+                f"groups a token may use: lower the k range / elastic.eval_k, or raise the group top-k")
+        widths = {k // group_topk for k in ks}
+        if len(widths) != 1 or 0 in widths:
+            width = max(1, cfg.elastic_k_max // group_topk)
+            lo, hi = group_topk * width, group_topk * (width + 1) - 1
+            raise ConfigError(
+                f"k values {sorted(ks)} with group-limited routing (model.moe_router_group_topk={group_topk}): "
+                "Megatron-core ranks groups by their top-(k // group_topk) scores, so the groups a token may "
+                f"use would change with k; keep every k (elastic.k_min/k_max, elastic.eval_k) within one "
+                f"width, e.g. [{lo}, {hi}], or set model.moe_router_num_groups/group_topk to null")
+    if (m.moe_router_enable_expert_bias or groups is not None) and (e.pool_ratio is not None or e.schedule == "top_p"):
+        raise ConfigError(
+            "elastic.pool_ratio / elastic.schedule=top_p choose experts from the plain router scores, "
+            "without model.moe_router_enable_expert_bias's bias or the group limit: use a per-k "
+            "schedule (fixed, batch, microbatch, layerwise) with these routers")
 
 
 def validate_world(cfg, world_size: int) -> int:

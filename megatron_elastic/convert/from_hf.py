@@ -1,4 +1,5 @@
-"""Hugging Face Mixtral / Qwen3-MoE directory -> Megatron-core distributed checkpoint + recipe.
+"""Hugging Face Mixtral / Qwen3-MoE directory -> Megatron-core distributed checkpoint + recipe
+(DeepSeek-V3 directories are handed to ``deepseek_v3_io``).
 
 The import builds the project's own ``GPTModel`` (``models/gpt.build_model``) in one process with
 tensor/expert parallel size 1, copies the weights in layer by layer (safetensors are memory-mapped
@@ -171,6 +172,12 @@ def convert_hf_to_megatron(
     raw = read_hf_config(hf_dir)
     source = str(hf_dir / "config.json")
     arch = mapping.architecture_from_hf_config(raw, source)
+    if arch == "deepseek_v3":  # multi-latent attention: its own module (convert/deepseek_v3_io.py)
+        from megatron_elastic.convert.deepseek_v3_io import import_deepseek_v3
+
+        return import_deepseek_v3(hf_dir, output, tensor_model_parallel_size=tensor_model_parallel_size,
+                                  expert_model_parallel_size=expert_model_parallel_size, config_out=config_out,
+                                  overwrite=overwrite, progress=progress)
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(str(hf_dir))

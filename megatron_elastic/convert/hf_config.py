@@ -41,6 +41,9 @@ def choose_architecture(cfg: Config, requested: Optional[str] = None) -> str:
         raise UnknownArchitectureError(
             f"unknown architecture {requested!r}; choose auto, {', '.join(mapping.ARCHITECTURES)}"
         )
+    if m.multi_latent_attention:
+        raise ConversionError("the model has multi-latent attention: export it as deepseek_v3 "
+                              "(convert_megatron_to_hf chooses it by itself)")
     if m.normalization != "RMSNorm":
         raise ConversionError(f"model.normalization={m.normalization}: Mixtral and Qwen3-MoE use RMSNorm")
     if m.moe_router_score_function != "softmax":
@@ -253,6 +256,22 @@ def check_supported(hf, arch: str, source: str) -> None:
         raise ConversionError(f"{source}: unsupported: " + "; ".join(problems))
 
 
+def elastic_section(meta: dict, k_cfg: int, k_train: int) -> dict:
+    """The recipe's elastic section from config.json's ``elastic_moe`` (``meta``, may be empty)
+    and ``num_experts_per_tok`` (``k_cfg``)."""
+    schedule = meta.get("schedule", "fixed")
+    elastic = {"schedule": schedule}
+    for key in ("k_min", "k_max", "distribution", "tau", "top_p", "pool_ratio", "router_loss_coeff", "seed"):
+        if meta.get(key) is not None:
+            elastic[key] = meta[key]
+    default_k = k_train if schedule == "fixed" else int(meta.get("k_max") or k_train)
+    if meta.get("inference_k"):
+        elastic["eval_k"] = [int(k) for k in meta["inference_k"]]
+    elif k_cfg != default_k:
+        elastic["eval_k"] = k_cfg  # num_experts_per_tok was changed after export: keep that choice
+    return elastic
+
+
 def megatron_config_from_hf(
     hf,
     arch: str,
@@ -285,16 +304,7 @@ def megatron_config_from_hf(
             f"{source}: elastic_moe.moe_router_pre_softmax={meta['moe_router_pre_softmax']} contradicts "
             f"{'norm_topk_prob' if arch == 'qwen3_moe' else 'the Mixtral router'}; the config was edited inconsistently"
         )
-    schedule = meta.get("schedule", "fixed")
-    elastic = {"schedule": schedule}
-    for key in ("k_min", "k_max", "distribution", "tau", "top_p", "pool_ratio", "router_loss_coeff", "seed"):
-        if meta.get(key) is not None:
-            elastic[key] = meta[key]
-    default_k = k_train if schedule == "fixed" else int(meta.get("k_max") or k_train)
-    if meta.get("inference_k"):
-        elastic["eval_k"] = [int(k) for k in meta["inference_k"]]
-    elif k_cfg != default_k:
-        elastic["eval_k"] = k_cfg  # num_experts_per_tok was changed after export: keep that choice
+    elastic = elastic_section(meta, k_cfg, k_train)
     max_pos = int(getattr(hf, "max_position_embeddings", None) or 4096)
     tp, ep = tensor_model_parallel_size, expert_model_parallel_size
     raw = {

@@ -1,4 +1,5 @@
-"""Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE directory.
+"""Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE directory
+(multi-latent-attention checkpoints are handed to ``deepseek_v3_io``).
 
 The export, one group of tensors at a time: ``megatron_checkpoint`` locates and verifies the
 checkpoint, recovers its run config and reads each group's slices (DCP, no process group);
@@ -243,8 +244,8 @@ def convert_megatron_to_hf(
 ) -> ExportResult:
     """Export the checkpoint at ``load`` (run root or ``iter_N`` dir) to ``output``.
 
-    ``architecture``: None/'auto' (Qwen3-MoE with QK-norm, Mixtral without), 'mixtral' or
-    'qwen3_moe'. ``dtype``: None/'auto' keeps the stored dtype. ``tokenizer_model``: None uses the
+    ``architecture``: None/'auto' (DeepSeek-V3 with multi-latent attention, else Qwen3-MoE with
+    QK-norm, Mixtral without), 'mixtral', 'qwen3_moe' or 'deepseek_v3'. ``dtype``: None/'auto' keeps the stored dtype. ``tokenizer_model``: None uses the
     checkpoint config's tokenizer (sentencepiece model or Hugging Face directory), a path
     overrides it, False skips the tokenizer.
     ``config``: describes a checkpoint that does not record its own. ``fallback_to_last_good``:
@@ -262,6 +263,13 @@ def convert_megatron_to_hf(
                 f"--inference-k {','.join(map(str, ks))}: give one k per MoE layer ({m.num_layers}), "
                 f"each in [1, num_moe_experts={m.num_moe_experts}]")
         cfg.elastic.eval_k = ks
+    if cfg.model.multi_latent_attention:  # DeepSeek-V3: its own module (convert/deepseek_v3_io.py)
+        if architecture not in (None, "auto", "deepseek_v3"):
+            raise ConversionError(f"the model has multi-latent attention: it exports as deepseek_v3, not {architecture}")
+        from megatron_elastic.convert.deepseek_v3_io import export_deepseek_v3
+
+        return export_deepseek_v3(ckpt_dir, cfg, iteration, output, dtype=dtype, max_shard_size=max_shard_size,
+                                  tokenizer_model=tokenizer_model, overwrite=overwrite, progress=progress)
     source = DistCheckpointSource(ckpt_dir)
     return export(source, cfg, output, iteration=iteration, architecture=architecture, dtype=dtype,
                   max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,

@@ -4,7 +4,10 @@ Megatron-core's local ``DotProductAttention`` draws its score buffer from a glob
 buffer and its dropout from the CUDA RNG tracker; Transformer Engine's needs CUDA outright. This
 module is the local-spec replacement: same constructor and forward signature as
 ``DotProductAttention`` (so it drops into ``SelfAttentionSubmodules.core_attention``), causal
-masking done by SDPA itself, grouped-query attention by expanding key/value heads.
+masking done by SDPA itself, grouped-query attention by expanding key/value heads. It also takes
+the ``k_channels`` / ``v_channels`` that multi-latent attention passes (query/key heads wider than
+value heads, as Transformer Engine's ``DotProductAttention`` accepts); Megatron-core's local
+``DotProductAttention`` does not, so its MLA local spec cannot be built without this module.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class SDPAttention(MegatronModule):
         attention_type: str,
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
@@ -39,13 +44,19 @@ class SDPAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size = pg_collection.tp.size()
-        projection_size = config.kv_channels * config.num_attention_heads
+        # MLA: Attention.__init__ first builds this module without k/v channels (then MLA
+        # rebuilds it with them), so v_head_dim is the fallback there.
+        if v_channels is None:
+            v_channels = getattr(config, "v_head_dim", None) if getattr(config, "multi_latent_attention", False) else None
+        k_channels = k_channels or config.kv_channels
+        v_channels = v_channels or config.kv_channels
+        projection_size = v_channels * config.num_attention_heads
         self.hidden_size_per_partition = divide(projection_size, tp_size)
         self.heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.groups_per_partition = divide(config.num_query_groups, tp_size)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = (
-            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_channels)
         )
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 

@@ -1,7 +1,9 @@
 """Mixtral-style MoE GPT on Megatron-core's ``GPTModel``.
 
 RMSNorm, SwiGLU experts, RoPE, grouped-query attention, no linear biases, untied embeddings,
-optional QK-norm (Qwen3-MoE style). Every transformer layer is an MoE layer.
+optional QK-norm (Qwen3-MoE style), or multi-latent attention (DeepSeek-V2/V3, Megatron-core's
+``MLASelfAttention``) with sigmoid routing, expert bias and group-limited top-k. Every
+transformer layer is an MoE layer.
 
 The layer spec is Megatron-core's own (Transformer Engine spec when TE is importable and CUDA is
 present, else the local spec) with two substitutions made through the spec, never by editing
@@ -24,7 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_elastic.config import Config
 from megatron_elastic.device import policy
@@ -44,7 +46,8 @@ def use_bf16(cfg: Config) -> bool:
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     bf16 = use_bf16(cfg)
-    return TransformerConfig(
+    return (MLATransformerConfig if m.multi_latent_attention else TransformerConfig)(
+        **_mla_fields(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -76,6 +79,11 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
         moe_router_topk=cfg.buffer_k,
         moe_router_score_function=m.moe_router_score_function,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+        moe_router_num_groups=m.moe_router_num_groups,
+        moe_router_group_topk=m.moe_router_group_topk,
+        moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
         moe_router_pre_softmax=m.moe_router_pre_softmax,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
@@ -98,6 +106,16 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+def _mla_fields(cfg: Config) -> dict:
+    """MLATransformerConfig's own fields (plain RoPE: the model's ``rotary_base``)."""
+    m = cfg.model
+    if not m.multi_latent_attention:
+        return {}
+    return dict(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+                qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_type="rope",
+                rotary_base=m.rotary_base)
+
+
 def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False) -> ModuleSpec:
     """``stock_moe`` keeps Megatron-core's own MoELayer + TopKRouter (the baseline that
     benchmarks and equivalence tests compare the elastic modules against)."""
@@ -111,17 +129,27 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = Fal
             num_experts=m.num_moe_experts,
             moe_grouped_gemm=m.moe_grouped_gemm,
             qk_layernorm=m.qk_layernorm,
+            multi_latent_attention=m.multi_latent_attention,
         )
     else:
         spec = get_gpt_layer_local_spec(
             num_experts=m.num_moe_experts,
             moe_grouped_gemm=m.moe_grouped_gemm,
             qk_layernorm=m.qk_layernorm,
+            multi_latent_attention=m.multi_latent_attention,
             normalization=m.normalization,
         )
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         _use_sequence_parallel_norm(spec)
+        if m.multi_latent_attention and m.qk_layernorm:
+            # The TE spec fuses MLA's latent norms into the up-projections (layer_norm_weight);
+            # save the local spec's separate norms under those names, as Megatron's own local
+            # spec does for its standard layer, so MLA checkpoints load on either spec.
+            spec.submodules.sharded_state_dict_keys_map = {
+                "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+                "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+            }
     spec = copy.deepcopy(spec)
     if not stock_moe:
         moe = spec.submodules.mlp
@@ -181,7 +209,7 @@ def _use_sequence_parallel_norm(spec: ModuleSpec) -> None:
         if getattr(sub, name) is WrappedTorchNorm:
             setattr(sub, name, SequenceParallelTorchNorm)
     attn = sub.self_attention.submodules
-    for name in ("q_layernorm", "k_layernorm"):
+    for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):  # kv_layernorm: MLA's latent norm
         if getattr(attn, name, None) is WrappedTorchNorm:
             setattr(attn, name, SequenceParallelTorchNorm)
 

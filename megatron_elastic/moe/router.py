@@ -106,6 +106,18 @@ class ElasticRouter(TopKRouter):
             raise ValueError(f"top_p={top_p} must lie in (0, 1]")
         if k is not None and top_p is not None:
             raise ValueError("set either k or top_p, not both")
+        group_topk = self.config.moe_router_group_topk
+        if top_p is not None and (self.enable_expert_bias or group_topk):
+            raise ValueError("inference top-p chooses from the plain router scores, without the expert "
+                             "bias or the group limit this router selects with: set a k instead")
+        if k is not None and group_topk and k > group_topk * (self.num_experts // self.config.moe_router_num_groups):
+            raise ValueError(f"k'={k} exceeds the experts of the {group_topk} groups a token may use")
+        if k is not None and group_topk and k // group_topk != self.k_max // group_topk:
+            raise ValueError(
+                f"k'={k} with group-limited routing (group_topk={group_topk}): Megatron-core ranks groups "
+                f"by their top-(k // group_topk) scores, so k' must keep the trained width "
+                f"{self.k_max // group_topk}, i.e. lie in [{group_topk * (self.k_max // group_topk)}, "
+                f"{group_topk * (self.k_max // group_topk + 1) - 1}]")
         lo, hi = top_p_k_range if top_p_k_range is not None else (1, self.num_experts)
         if not 1 <= lo <= hi <= self.num_experts:
             raise ValueError(f"top-p k range [{lo}, {hi}] must lie within [1, {self.num_experts}]")

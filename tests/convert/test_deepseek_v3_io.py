@@ -1,0 +1,252 @@
+"""DeepSeek-V3 import and export through the converters' entry points (convert/deepseek_v3_io.py,
+reached from from_hf.convert_hf_to_megatron and to_hf.convert_megatron_to_hf): HF -> Megatron ->
+HF bit-identical (for rope_interleave: true, DeepSeek's layout; a rope_interleave: false source
+comes back in that layout, rope rows reordered, same logits), the imported project model (MLA, ElasticRouter with the expert bias, group-limited
+top-k, gate scale) reproducing HF's logits at k_train and at k' set on both sides, an elastic recipe
+from the import, and the refusals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conversion_helpers import read_safetensors, record_diff
+from test_deepseek_v3 import SEQ, TOL, VARIANTS, hf_model, tokens
+from megatron_elastic.convert import ConversionError
+
+# What the model section here can build: no shared experts, no dense layers (see deepseek_v3_io).
+IMPORTABLE = {
+    "grouped": dict(q_lora_rank=24, n_shared_experts=0, n_routed_experts=16, n_group=4, topk_group=2,
+                    num_experts_per_tok=4, first_k_dense_replace=0),
+    "plain_rope": dict(q_lora_rank=None, n_shared_experts=0, n_group=1, topk_group=1, num_experts_per_tok=3,
+                       first_k_dense_replace=0, rope_interleave=False, tie_word_embeddings=True),
+}
+ELASTIC_K = {"grouped": [5], "plain_rope": [2, 6]}
+
+
+def saved_hf(name: str, root, variants=IMPORTABLE):
+    model = hf_model(name, variants)
+    directory = root / f"hf_{name}"
+    model.save_pretrained(str(directory))
+    return model, directory
+
+
+def project_logits(model, k) -> torch.Tensor:
+    from megatron_elastic.moe.control import set_inference_k
+
+    model.eval()
+    set_inference_k(model, k)
+    with torch.no_grad():
+        return model(tokens(), torch.arange(SEQ).expand(2, -1), None).float()
+
+
+def hf_logits(model, k) -> torch.Tensor:
+    from megatron_elastic.convert.hf_elastic import set_hf_inference_k
+
+    set_hf_inference_k(model, k)
+    with torch.no_grad():
+        return model(input_ids=tokens()).logits.float()
+
+
+def load_imported(out, *overrides):
+    from megatron_elastic.config import load_config
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.training.checkpoint import load_checkpoint
+
+    cfg = load_config(out / "megatron_config.yaml", list(overrides))
+    seed_all(cfg.train.seed)
+    model = build_model(cfg, cfg.model.vocab_size)
+    load_checkpoint(out, model, None, cfg, finetune=True)
+    return cfg, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(IMPORTABLE))
+def test_import_matches_hf_and_export_is_bit_identical(one_process_parallel, tmp_path, name):
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+    from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+
+    hf, directory = saved_hf(name, tmp_path)
+    result = convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+    assert result.architecture == "deepseek_v3"
+    cfg, model = load_imported(tmp_path / "imported")
+    m = cfg.model
+    assert m.multi_latent_attention and m.moe_router_enable_expert_bias and m.num_query_groups == m.num_attention_heads
+    k_train = hf.config.num_experts_per_tok
+    for k in [None, *ELASTIC_K[name]]:
+        diff = record_diff(f"deepseek import {name} k={k}", project_logits(model, k), hf_logits(hf, k or k_train))
+        assert diff < TOL, (k, diff)
+    # k' changes the outputs, so agreeing at each k is not vacuous.
+    assert float((project_logits(model, None) - project_logits(model, ELASTIC_K[name][-1])).abs().max()) > 100 * TOL
+
+    back = tmp_path / "back"
+    exported = convert_megatron_to_hf(tmp_path / "imported", back, tokenizer_model=False, progress=False)
+    assert exported.architecture == "deepseek_v3"
+    original, again = read_safetensors(directory), read_safetensors(back)
+    assert sorted(original) == sorted(again)
+    expected = dict(original)
+    if not hf.config.rope_interleave:
+        # Exported in Megatron's own RoPE layout (rope_interleave: true): the rope rows of the query
+        # and of kv_a_proj_with_mqa are reordered, every other tensor is bit-identical.
+        from megatron_elastic.convert import deepseek_v3 as ds
+
+        shape = ds.shape_from_hf(hf.config)
+        for key in expected:
+            kind = "kv_a" if key.endswith("kv_a_proj_with_mqa.weight") else "q" if key.endswith(
+                ("q_proj.weight", "q_b_proj.weight")) else None
+            if kind:
+                expected[key] = ds.megatron_rope_rows(original[key], shape, kind)
+                assert not torch.equal(expected[key], original[key]), key
+    for key, tensor in expected.items():
+        assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(back)).eval()
+    diff = record_diff(f"deepseek export {name}", hf_logits(reloaded, None), hf_logits(hf, k_train))
+    assert diff < TOL, diff
+    before, after = (json.loads((d / "config.json").read_text()) for d in (directory, back))
+    for key in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok",
+                "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace",
+                "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"):
+        assert after[key] == before[key], key
+    assert after["rope_interleave"] is True
+    assert after["elastic_moe"]["k_train"] == k_train
+
+
+@pytest.mark.slow
+def test_elastic_recipe_trains_from_the_import(one_process_parallel, tmp_path):
+    """The imported recipe with a layerwise k schedule within one group width runs a training step
+    (expert bias, grouped routing and MLA backward through ElasticRouter)."""
+    from megatron_elastic.config import ConfigError
+
+    _, directory = saved_hf("grouped", tmp_path)
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+    cfg, model = load_imported(tmp_path / "imported", "elastic.schedule=layerwise", "elastic.k_min=4",
+                               "elastic.k_max=5")
+    model.train()
+    ids = tokens()
+    loss = model(ids, torch.arange(SEQ).expand(2, -1), None, labels=torch.roll(ids, -1, 1)).float().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # A k range whose group width (k // group_topk) changes is refused before anything is built.
+    with pytest.raises(ConfigError, match=r"groups a token may use would change with k.*\[4, 5\]"):
+        load_imported(tmp_path / "imported", "elastic.schedule=layerwise", "elastic.k_min=2", "elastic.k_max=5")
+
+
+def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_parallel, tmp_path):
+    """DeepSeek-V3's shared experts and dense first layers: refused with the reason while the model
+    section has no keys for them; once it has (moe_shared_expert_intermediate_size, moe_layer_freq),
+    the import must reproduce HF's logits."""
+    from megatron_elastic.config.sections import ModelConfig
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    hf, directory = saved_hf("v3", tmp_path, VARIANTS)
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    if {"moe_shared_expert_intermediate_size", "moe_layer_freq"} <= keys:
+        convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+        _, model = load_imported(tmp_path / "imported")
+        assert record_diff("deepseek import v3 shared+dense", project_logits(model, None), hf_logits(hf, 4)) < TOL
+        return
+    with pytest.raises(ConversionError, match=r"shared experts \(n_shared_experts=1\) need "
+                                              r"model.moe_shared_expert_intermediate_size.*dense first layers"):
+        convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+    assert not (tmp_path / "imported").exists()
+
+
+def test_unsupported_deepseek_configs_are_refused_before_anything_is_written(tmp_path):
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    yarn = {"yarn": {**IMPORTABLE["grouped"], "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16}}}
+    _, directory = saved_hf("yarn", tmp_path, yarn)
+    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'"):
+        convert_hf_to_megatron(directory, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mla_checkpoint_refuses_other_architectures():
+    from megatron_elastic.config import Config
+    from megatron_elastic.convert.hf_config import choose_architecture
+
+    cfg = Config.from_dict({"model": dict(num_attention_heads=4, num_query_groups=4, multi_latent_attention=True,
+                                          kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8,
+                                          qk_layernorm=True)}, source="t").validate()
+    with pytest.raises(ConversionError, match="multi-latent attention: export it as deepseek_v3"):
+        choose_architecture(cfg, "auto")
+
+
+@pytest.mark.slow
+def test_megatron_mla_model_exports_with_its_schedule(one_process_parallel, tmp_path):
+    """A model built here (MLA, sigmoid router without expert bias, gate scale, layerwise k in
+    [2, 4]) exports as DeepseekV3ForCausalLM reproducing Megatron's logits at the default k
+    (k_max) and at other k', with its schedule under elastic_moe."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion_helpers import perturb_norms
+    from megatron_elastic.config import Config
+    from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.training.checkpoint import save_checkpoint
+
+    cfg = Config.from_dict({"model": dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=4, multi_latent_attention=True,
+        q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, qk_layernorm=True,
+        num_moe_experts=8, moe_ffn_hidden_size=16, moe_router_topk=4, moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=1.5, norm_epsilon=1e-6, vocab_size=96, seq_length=SEQ,
+        max_position_embeddings=64, init_method_std=0.2),
+        "elastic": {"schedule": "layerwise", "k_min": 2, "k_max": 4}}, source="test").validate()
+    seed_all(3)
+    model = build_model(cfg, 96)
+    perturb_norms(model)
+    save_checkpoint(tmp_path / "ckpt", model, None, cfg, 0)
+    convert_megatron_to_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer_model=False, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM" and hf.config.num_experts_per_tok == 4
+    assert hf.config.elastic_moe["schedule"] == "layerwise" and hf.config.elastic_moe["k_min"] == 2
+    assert not any(layer.mlp.gate.e_score_correction_bias.any() for layer in hf.model.layers)
+    for k in (None, 2, 3):
+        diff = record_diff(f"deepseek export native k={k}", project_logits(model, k), hf_logits(hf, k))
+        assert diff < TOL, (k, diff)
+
+
+def ep2_logits_worker(rank, world_size, imported):
+    """Rank of an expert-parallel (EP = 2) load of an imported DeepSeek checkpoint."""
+    from pathlib import Path
+
+    from megatron_elastic import parallel
+    from megatron_elastic.config import load_config
+
+    parallel.initialize(load_config(Path(imported) / "megatron_config.yaml"))
+    try:
+        _, model = load_imported(Path(imported))
+        assert len(model.decoder.layers[0].mlp.experts.local_experts) == 8  # 16 experts over 2 ranks
+        return {str(k): project_logits(model, k) for k in (None, 5)}
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_import_loads_expert_parallel(tmp_path):
+    """The recipe's EP = 2 layout loads the one-process import (dist_checkpointing reshards) and the
+    two ranks reproduce HF's logits with grouped routing and the expert bias."""
+    from helpers import run_distributed
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    hf, directory = saved_hf("grouped", tmp_path)
+    convert_hf_to_megatron(directory, tmp_path / "imported", expert_model_parallel_size=2, progress=False)
+    ranks = run_distributed(ep2_logits_worker, 2, str(tmp_path / "imported"), tmp_dir=tmp_path)
+    for rank in ranks:
+        for k in (None, 5):
+            diff = record_diff(f"deepseek import grouped EP=2 k={k}", rank[str(k)], hf_logits(hf, k or 4))
+            assert diff < TOL, (k, diff)
