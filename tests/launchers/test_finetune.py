@@ -1,0 +1,105 @@
+"""launchers/finetune.sh end to end on a tiny random Qwen3-MoE with its own chat tokenizer.
+
+The model (transformers' Qwen3MoeConfig, random weights, save_pretrained) and a byte-level BPE
+tokenizer with a ChatML template are written to one Hugging Face directory; the test writes a chat
+jsonl and runs the one command: import -> held-out split and chat preprocessing -> EMoE fine-tune
+(configs/finetune_emoe.yaml, shortened by overrides) -> export -> k' sweep. The exported model must
+load with AutoModelForCausalLM and take a new k' through set_hf_inference_k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "tests" / "data"))
+from chat_fixtures import chat_records, save_chat_tokenizer, write_jsonl  # noqa: E402
+
+FINETUNE = REPO / "launchers" / "finetune.sh"
+SHORT = ["train.train_iters=8", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3",
+         "train.lr_warmup_iters=2", "train.eval_interval=0", "train.eval_iters=2", "model.seq_length=64",
+         "checkpoint.save_interval=null", "logging.log_interval=2"]
+
+
+def tiny_qwen3_moe(directory: Path) -> Path:
+    """Random 2-layer Qwen3-MoE (4 experts, top-2) with a chat tokenizer, in one HF directory."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    save_chat_tokenizer(directory)
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                            max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
+def run_finetune(hf_dir, data, run_dir, *overrides, **env):
+    environment = dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run_dir), NPROC="1", **env)
+    return subprocess.run(["bash", str(FINETUNE), str(hf_dir), str(data), *overrides], cwd=REPO,
+                          capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.mark.slow
+def test_finetune_imports_trains_exports_and_sweeps_k(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_elastic.convert.hf_elastic import get_hf_inference_k, set_hf_inference_k
+
+    hf_dir = tiny_qwen3_moe(tmp_path / "hf")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    run = tmp_path / "run"
+    proc = run_finetune(hf_dir, data, run, *SHORT, KS="1-4", HOLDOUT_EVERY="10", EVAL_ITERS="1",
+                        WORKERS="1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+
+    # Data: 54 training and 6 held-out conversations, preprocessed with the imported tokenizer.
+    assert "wrote 54 conversations" in out and "wrote 6 conversations" in out
+    assert "chat data " + str(run / "data" / "train_chat_document") + " (train): 54 conversations" in out
+    # Training: the EMoE recipe on the imported model, fine-tuned from the import.
+    saved = yaml.safe_load((run / "checkpoints" / "iter_0000008" / "run_config.yaml").read_text())
+    assert saved["elastic"]["schedule"] == "fixed" and saved["elastic"]["pool_ratio"] == 2.0
+    assert saved["elastic"]["router_loss_coeff"] == 1e-8 and saved["model"]["num_moe_experts"] == 4
+    assert saved["checkpoint"]["load"] == str(run / "imported") and saved["checkpoint"]["finetune"] is True
+    assert saved["data"]["valid_data_path"] == [str(run / "data" / "heldout_chat_document")]
+    # The k' table, on the held-out conversations.
+    sweep = json.loads((run / "eval" / "elastic_eval.json").read_text())
+    table = (run / "eval" / "elastic_eval.txt").read_text()
+    assert table in proc.stdout
+    losses = {row["k"]: row["loss"] for row in sweep["results"] if row["kind"] == "k"}
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    # Scored on the replies only: 4 held-out sequences of 64 positions hold far fewer assistant
+    # tokens than positions (about 250 would be counted without the loss mask).
+    assert sweep["eval"]["split"] == "valid" and 0 < sweep["eval"]["tokens"] < 0.6 * 4 * 64
+
+    # The export: plain transformers, elastic metadata, k' settable.
+    config = json.loads((run / "hf" / "config.json").read_text())
+    assert config["elastic_moe"]["pool_ratio"] == 2.0 and config["elastic_moe"]["k_train"] == 2
+    model = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
+    tokens = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    logits = {}
+    for k in (1, 4):
+        set_hf_inference_k(model, k)
+        assert get_hf_inference_k(model) == [k, k]
+        with torch.no_grad():
+            logits[k] = model(tokens).logits
+    assert torch.isfinite(logits[1]).all() and not torch.allclose(logits[1], logits[4])
+
+
+def test_finetune_refuses_bad_arguments(tmp_path):
+    proc = run_finetune(tmp_path / "nohf", tmp_path / "x.jsonl", tmp_path / "run")
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr
