@@ -1,4 +1,13 @@
 #!/usr/bin/env bash
+#SBATCH --job-name=megatron-elastic-finetune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 #
 # Fine-tune a Hugging Face MoE into an elastic one, in one command:
 #
@@ -25,6 +34,8 @@
 #     RUN_DIR=/shared/ft/qwen sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 \
 #         launchers/finetune.sh /models/qwen3-moe /data/chat.jsonl parallel.expert_model_parallel_size=8
 # Elsewhere they run through launchers/local.sh (NPROC processes; one on a CPU machine).
+# SIGUSR1/SIGTERM to this script are forwarded to the running launcher (a checkpoint, then exit 75;
+# the #SBATCH lines above send USR1 120 s before the time limit, as pretrain.sbatch does).
 # Steps 1, 2 and 4 run as one process on the first node. Steps whose outputs exist are skipped
 # (FRESH=1 redoes everything), so running the same command again finishes an interrupted run.
 #
@@ -33,6 +44,7 @@
 #
 # Environment knobs:
 #   RUN_DIR        everything goes here [runs/finetune/<basename of HF_DIR>]
+#   PROJECT_DIR    the repository, under sbatch [the submit directory]
 #   RECIPE         fine-tune recipe [configs/finetune_emoe.yaml; configs/finetune_mmoe.yaml for M-MoE]
 #   PYTHON         interpreter [active venv/conda python, else <repo>/.venv/bin/python, else python3]
 #   NPROC          processes for steps 3 and 5 outside Slurm [launchers/local.sh's default: GPUs, else 1]
@@ -49,12 +61,14 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
-# Under sbatch the script runs from a spool copy: the repository is the submit directory.
-if [[ ! -f $REPO/megatron_elastic/train.py && -n "${SLURM_SUBMIT_DIR:-}" ]]; then REPO=$SLURM_SUBMIT_DIR; fi
+# Under sbatch the script runs from a spool copy: the repository is then PROJECT_DIR, else the
+# submit directory (as for launchers/slurm/pretrain.sbatch).
+if [[ ! -f $REPO/megatron_elastic/train.py ]]; then REPO=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$REPO}}; fi
+[[ -f $REPO/megatron_elastic/train.py ]] || { echo "finetune.sh: error: $REPO is not the repository: set PROJECT_DIR" >&2; exit 2; }
 
 say() { printf '\n==> [finetune.sh %s] %s\n' "$(date +%T)" "$*"; }
 die() { echo "finetune.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '3,5p' "$REPO/launchers/finetune.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '13,15p' "$REPO/launchers/finetune.sh" | sed 's/^# \{0,1\}//'; }
 
 [[ ${1:-} == -h || ${1:-} == --help ]] && { usage; exit 0; }
 [[ $# -ge 2 ]] || { usage >&2; die "needs HF_DIR and DATA"; }
@@ -89,6 +103,24 @@ else
     LAUNCH=(bash "$REPO/launchers/local.sh" ${NPROC:+-n "$NPROC"})
     where="this machine via launchers/local.sh${NPROC:+ -n $NPROC}"
 fi
+# Runs a launcher in the background so that SIGUSR1/SIGTERM reach it (bash defers traps while a
+# foreground child runs); returns its exit code.
+child=""
+forward() { [[ -n $child ]] && kill -"$1" "$child" 2>/dev/null; return 0; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+launch() {
+    local rc
+    "$@" &
+    child=$!
+    while :; do
+        wait "$child" && rc=0 || rc=$?
+        ((rc > 128)) && kill -0 "$child" 2>/dev/null && continue  # a trap ran; the child goes on
+        break
+    done
+    child=""
+    return "$rc"
+}
 say "run $RUN | model $HF_DIR | data $DATA | recipe $RECIPE | $where"
 
 # --- 1: import ---------------------------------------------------------------------------------
@@ -171,7 +203,7 @@ EOF
 ) || exit 2
 say "3/5 fine-tune to iteration $ITERS -> $CKPT (${LOAD_ARGS[*]})"
 rc=0
-LOAD_ARG="" "${LAUNCH[@]}" "$RUN/finetune.yaml" "${TRAIN_ARGS[@]}" || rc=$?
+LOAD_ARG="" launch "${LAUNCH[@]}" "$RUN/finetune.yaml" "${TRAIN_ARGS[@]}" || rc=$?
 ((rc == 0)) || { echo "finetune.sh: training exited with $rc" >&2; exit "$rc"; }
 done_iters=$(cat "$CKPT/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)
 if [[ $done_iters != "$ITERS" ]]; then
@@ -190,7 +222,7 @@ EVAL=("tools/elastic_eval.py" --load "$CKPT" --output-dir "$RUN/eval" ${KS:+--ks
       ${EVAL_ITERS:+--eval-iters "$EVAL_ITERS"})
 # The launchers add `--config CONFIG`: the run's own saved config, so the sweep reads the data
 # and model exactly as training did.
-ENTRYPOINT="${EVAL[*]}" SAVE_ARG="" LOAD_ARG="" "${LAUNCH[@]}" "$ITER_DIR/run_config.yaml"
+ENTRYPOINT="${EVAL[*]}" SAVE_ARG="" LOAD_ARG="" launch "${LAUNCH[@]}" "$ITER_DIR/run_config.yaml"
 [[ -s $RUN/eval/elastic_eval.txt ]] || die "the sweep wrote no $RUN/eval/elastic_eval.txt"
 say "done: fine-tuned checkpoint $CKPT, Hugging Face model $RUN/hf, k' sweep $RUN/eval"
 cat "$RUN/eval/elastic_eval.txt"

@@ -22,6 +22,8 @@ import yaml
 
 from helpers import REPO
 
+import slurm_utils as su
+
 sys.path.insert(0, str(REPO / "tests" / "data"))
 from chat_fixtures import chat_records, save_chat_tokenizer, write_jsonl  # noqa: E402
 
@@ -103,3 +105,32 @@ def test_finetune_imports_trains_exports_and_sweeps_k(tmp_path):
 def test_finetune_refuses_bad_arguments(tmp_path):
     proc = run_finetune(tmp_path / "nohf", tmp_path / "x.jsonl", tmp_path / "run")
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from su.cluster_for_tests(tmp_path_factory, nodes=2, cpus=2)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_finetune_under_sbatch_trains_and_sweeps_with_two_ranks(cluster, tmp_path):
+    """The same command as a batch job on 2 nodes x 1 task: training and the sweep run as one
+    Slurm task per rank (expert parallel 2) through launchers/slurm/pretrain.sbatch."""
+    hf_dir = tiny_qwen3_moe(tmp_path / "hf")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    run = tmp_path / "run"
+    env = {"RUN_DIR": str(run), "PROJECT_DIR": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "KS": "1-4", "HOLDOUT_EVERY": "10", "EVAL_ITERS": "1", "WORKERS": "1"}
+    job = cluster.submit(FINETUNE, [str(hf_dir), str(data), *SHORT, "parallel.expert_model_parallel_size=2"],
+                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"],
+                         env=env, cwd=tmp_path)
+    info = cluster.wait(job, timeout=400)
+    why = lambda: cluster.describe_job(job, info, run)  # noqa: E731
+    assert info["JobState"] == "COMPLETED" and su.exit_code(info) == (0, 0), why()
+    logs = su.rank_logs(run, job)
+    assert sorted(logs) == [0, 1] and "world 2 (tp 1, ep 2, dp 2)" in logs[0], why()
+    assert "iter      8/8" in logs[0] and "elastic eval of" in logs[0] and "world 2" in logs[0], why()
+    sweep = json.loads((run / "eval" / "elastic_eval.json").read_text())
+    assert sweep["eval"]["world_size"] == 2 and sorted(r["k"] for r in sweep["results"]) == [1, 2, 3, 4]
+    assert (run / "hf" / "config.json").is_file()
