@@ -102,6 +102,31 @@ def test_finetune_imports_trains_exports_and_sweeps_k(tmp_path):
     assert torch.isfinite(logits[1]).all() and not torch.allclose(logits[1], logits[4])
 
 
+@pytest.mark.parametrize("recipe, schedule, k_range, pool, lam", [
+    ("finetune_emoe.yaml", "fixed", (4, 4), 2.0, 1e-8),
+    ("finetune_mmoe.yaml", "layerwise", (1, 4), None, 0.0),
+])
+def test_finetune_recipes_take_k_from_the_imported_model(tmp_path, recipe, schedule, k_range, pool, lam):
+    """As finetune.sh composes them: the imported recipe as base, the fine-tune recipe on top. The
+    k range follows the imported top-k (4 of 16 here), whatever elastic section the import carried."""
+    from megatron_elastic.config import load_config
+    from megatron_elastic.config.recipes import read_recipe
+
+    imported = tmp_path / "megatron_config.yaml"
+    imported.write_text(yaml.safe_dump({
+        "model": {"num_moe_experts": 16, "moe_router_topk": 4, "seq_length": 256},
+        "checkpoint": {"load": str(tmp_path), "finetune": True},
+        "elastic": {"schedule": "batch", "k_min": 2, "k_max": 6, "eval_k": 3, "pool_ratio": 1.5}}))
+    run = tmp_path / "finetune.yaml"
+    run.write_text(yaml.safe_dump({"base": str(imported), **read_recipe(REPO / "configs" / recipe)}))
+    cfg = load_config(run)
+    e = cfg.elastic
+    assert (e.schedule, (e.k_min, e.k_max), e.pool_ratio, e.router_loss_coeff) == (schedule, k_range, pool, lam)
+    assert e.eval_k is None and e.top_p is None and cfg.model.num_moe_experts == 16
+    assert (cfg.train.lr, cfg.train.lr_warmup_iters, cfg.train.train_iters) == (1e-5, 30, 300)
+    assert cfg.checkpoint.finetune and cfg.data.dataset_type is None
+
+
 def test_finetune_refuses_bad_arguments(tmp_path):
     proc = run_finetune(tmp_path / "nohf", tmp_path / "x.jsonl", tmp_path / "run")
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
