@@ -206,7 +206,7 @@ rc=0
 LOAD_ARG="" launch "${LAUNCH[@]}" "$RUN/finetune.yaml" "${TRAIN_ARGS[@]}" || rc=$?
 ((rc == 0)) || { echo "finetune.sh: training exited with $rc" >&2; exit "$rc"; }
 done_iters=$(cat "$CKPT/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)
-if [[ $done_iters != "$ITERS" ]]; then
+if ((done_iters < ITERS)); then
     echo "finetune.sh: training stopped at iteration $done_iters of $ITERS (checkpoint saved): run the same command again to resume" >&2
     exit 75
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests" / "data"))
 from chat_fixtures import chat_records, save_chat_tokenizer, write_jsonl  # noqa: E402
 
 FINETUNE = REPO / "launchers" / "finetune.sh"
-SHORT = ["train.train_iters=8", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3",
+SHORT = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3",
          "train.lr_warmup_iters=2", "train.eval_interval=0", "train.eval_iters=2", "model.seq_length=64",
          "checkpoint.save_interval=null", "logging.log_interval=2"]
 
@@ -57,6 +58,8 @@ def run_finetune(hf_dir, data, run_dir, *overrides, **env):
 
 @pytest.mark.slow
 def test_finetune_imports_trains_exports_and_sweeps_k(tmp_path):
+    """A first start is stopped by SIGTERM mid-training (exit 75, checkpoint); the same command
+    again skips the import and data steps, resumes, and finishes with the export and the sweep."""
     from transformers import AutoModelForCausalLM
 
     from megatron_elastic.convert.hf_elastic import get_hf_inference_k, set_hf_inference_k
@@ -64,19 +67,33 @@ def test_finetune_imports_trains_exports_and_sweeps_k(tmp_path):
     hf_dir = tiny_qwen3_moe(tmp_path / "hf")
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
     run = tmp_path / "run"
-    proc = run_finetune(hf_dir, data, run, *SHORT, KS="1-4", HOLDOUT_EVERY="10", EVAL_ITERS="1",
-                        WORKERS="1")
+    env = dict(KS="1-4", HOLDOUT_EVERY="10", EVAL_ITERS="1", WORKERS="1")
+
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(["bash", str(FINETUNE), str(hf_dir), str(data), *SHORT, "train.train_iters=300"],
+                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env=dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run), NPROC="1", **env))
+        su.wait_for(lambda: "iter      2/300" in log.read_text() or first.poll() is not None, 300,
+                    "the first start to train", on_timeout=lambda: log.read_text()[-3000:])
+        first.send_signal(signal.SIGTERM)  # to finetune.sh only: it forwards to the launcher
+        assert first.wait(timeout=300) == 75, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "wrote 54 conversations" in text and "wrote 6 conversations" in text  # 10% held out
+    assert "checkpoint.load=" + str(run / "imported") + " checkpoint.finetune=true" in text
+    assert "stopping at iteration" in text and "run the same command again" not in text
+    stopped = int((run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped < 30
+
+    proc = run_finetune(hf_dir, data, run, *SHORT, "train.train_iters=30", **env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-
-    # Data: 54 training and 6 held-out conversations, preprocessed with the imported tokenizer.
-    assert "wrote 54 conversations" in out and "wrote 6 conversations" in out
+    assert out.count("skipped") == 2 and f"resumed from {run / 'checkpoints'} at iteration {stopped}" in out
     assert "chat data " + str(run / "data" / "train_chat_document") + " (train): 54 conversations" in out
-    # Training: the EMoE recipe on the imported model, fine-tuned from the import.
-    saved = yaml.safe_load((run / "checkpoints" / "iter_0000008" / "run_config.yaml").read_text())
+    # Training: the EMoE recipe on the imported model.
+    saved = yaml.safe_load((run / "checkpoints" / "iter_0000030" / "run_config.yaml").read_text())
     assert saved["elastic"]["schedule"] == "fixed" and saved["elastic"]["pool_ratio"] == 2.0
     assert saved["elastic"]["router_loss_coeff"] == 1e-8 and saved["model"]["num_moe_experts"] == 4
-    assert saved["checkpoint"]["load"] == str(run / "imported") and saved["checkpoint"]["finetune"] is True
     assert saved["data"]["valid_data_path"] == [str(run / "data" / "heldout_chat_document")]
     # The k' table, on the held-out conversations.
     sweep = json.loads((run / "eval" / "elastic_eval.json").read_text())
@@ -147,7 +164,8 @@ def test_finetune_under_sbatch_trains_and_sweeps_with_two_ranks(cluster, tmp_pat
     run = tmp_path / "run"
     env = {"RUN_DIR": str(run), "PROJECT_DIR": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "KS": "1-4", "HOLDOUT_EVERY": "10", "EVAL_ITERS": "1", "WORKERS": "1"}
-    job = cluster.submit(FINETUNE, [str(hf_dir), str(data), *SHORT, "parallel.expert_model_parallel_size=2"],
+    job = cluster.submit(FINETUNE, [str(hf_dir), str(data), *SHORT, "train.train_iters=8",
+                                    "parallel.expert_model_parallel_size=2"],
                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"],
                          env=env, cwd=tmp_path)
     info = cluster.wait(job, timeout=400)
