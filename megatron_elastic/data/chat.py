@@ -124,18 +124,24 @@ def load_chat_template(tokenizer, template_file: Optional[Path] = None) -> ChatT
 
 def assistant_spans(template: ChatTemplate, messages: List[dict], where: str) -> Tuple[str, List[Tuple[int, int]]]:
     """The rendered conversation and the ``[start, end)`` character spans of its assistant turns."""
-    full = template.render(messages)
+    def render(part: List[dict], generation_prompt: bool = False) -> str:
+        try:
+            return template.render(part, add_generation_prompt=generation_prompt)
+        except DataError:
+            raise
+        except Exception as exc:  # Jinja errors, incl. a template's own raise_exception(...)
+            what = "the conversation" if len(part) == len(messages) else f"its first {len(part)} message(s)"
+            raise DataError(f"{where}: the chat template of {template.source} cannot render {what} "
+                            f"({type(exc).__name__}: {exc}); fix the conversation (e.g. the roles' "
+                            "order the template expects) or pass another --chat-template") from None
+
+    full = render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        try:
-            before = template.render(messages[:i], add_generation_prompt=True)
-        except Exception as exc:  # a template that cannot render an empty or partial history
-            raise DataError(f"{where}: the chat template of {template.source} cannot render the "
-                            f"conversation before assistant message {i} ({exc}); start the "
-                            "conversation with a user (or system) message") from None
-        upto = template.render(messages[: i + 1])
+        before = render(messages[:i], generation_prompt=True)
+        upto = render(messages[: i + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
             raise DataError(
                 f"{where}: the chat template of {template.source} renders assistant message {i} "

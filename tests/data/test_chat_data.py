@@ -122,6 +122,16 @@ def test_template_that_rewrites_earlier_turns_is_refused(tok):
         encode_conversation(tok, unstable, messages, "x:3")
 
 
+def test_template_errors_name_the_line(tok):
+    template = load_chat_template(tok)
+    strict = type(template)("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+                            "{% for m in messages %}{{ m['content'] }}{% endfor %}", "strict", tok)
+    with pytest.raises(DataError, match=r"x:4: the chat template of strict cannot render the conversation "
+                                        r"\(TemplateError: user first\)"):
+        encode_conversation(tok, strict, [{"role": "system", "content": "s"},
+                                          {"role": "assistant", "content": "a"}], "x:4")
+
+
 # -- the files ------------------------------------------------------------------------------------
 
 
