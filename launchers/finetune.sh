@@ -104,9 +104,15 @@ else
     where="this machine via launchers/local.sh${NPROC:+ -n $NPROC}"
 fi
 # Runs a launcher in the background so that SIGUSR1/SIGTERM reach it (bash defers traps while a
-# foreground child runs); returns its exit code.
+# foreground child runs); returns its exit code. A signal during another step stops the script
+# once that step is done (the steps are atomic: a rerun continues from there).
 child=""
-forward() { [[ -n $child ]] && kill -"$1" "$child" 2>/dev/null; return 0; }
+forward() {
+    if [[ -n $child ]]; then kill -"$1" "$child" 2>/dev/null; return 0; fi
+    echo "finetune.sh: got SIG$1: stopped after the current step (run the same command again to continue)" >&2
+    [[ $1 == USR1 ]] && exit 75
+    exit 143
+}
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 launch() {
