@@ -126,6 +126,10 @@ class DataConfig:
     # A sentencepiece .model file, or a Hugging Face tokenizer directory (with tokenizer.json).
     tokenizer_model: Optional[str] = None
     num_workers: int = 0
+    # text: documents packed into sequences (GPTDataset); chat: one conversation per sequence,
+    # loss on assistant tokens only (data/chat_dataset.py); null: from the data (chat when the
+    # prefix has the loss-mask files tools/preprocess_data.py --chat writes).
+    dataset_type: Optional[str] = None
     cache_path: Optional[str] = None
     mmap_bin_files: bool = True
 

@@ -107,6 +107,9 @@ def validate(cfg) -> None:
     if d.test_data_path and not d.valid_data_path:
         raise ConfigError("data.test_data_path needs data.valid_data_path too (with separate held-out "
                           "sets data.split is not used): set both, or neither")
+    if d.dataset_type not in (None, "text", "chat"):
+        raise ConfigError(f"data.dataset_type={d.dataset_type!r} must be text, chat or null (null: "
+                          "chat when the data has a loss mask, else text)")
     _validate_ranges(cfg)
     _validate_moe(cfg)
     _validate_elastic(cfg)

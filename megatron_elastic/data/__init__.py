@@ -10,6 +10,9 @@ One job per module:
 * ``huggingface_tokenizer`` -- a Hugging Face tokenizer directory, through megatron-core's own;
 * ``preprocess`` -- documents -> Megatron ``.bin``/``.idx`` (+ the ``.meta.json`` record);
 * ``meta``       -- that record, and the sampled token-range check for data without one;
+* ``chat``       -- conversations -> token ids + assistant-only loss mask via the chat template;
+* ``chat_preprocess`` -- chat jsonl -> token and loss-mask ``.bin``/``.idx`` (+ ``.meta.json``);
+* ``chat_dataset`` -- that layout on disk, ``ChatDataset`` (one conversation per sequence);
 * ``datasets``   -- training datasets, addressed micro-batches, blend parsing, vocabulary checks.
 
 Nothing is re-exported here on purpose: several modules import ``megatron.core`` (seconds), and

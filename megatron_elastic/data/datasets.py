@@ -1,6 +1,8 @@
 """What the trainer reads: Megatron indexed datasets, addressed micro-batches, vocabulary checks.
 
-Datasets come from megatron-core's blended dataset builder (``GPTDataset``); ``check_vocabulary``
+Datasets come from megatron-core's blended dataset builder: ``GPTDataset`` for text, or
+``data/chat_dataset.ChatDataset`` for chat data (one conversation per sequence, loss on assistant
+tokens; ``data.dataset_type``, by default read from the data); ``check_vocabulary``
 refuses, before the model is built, a tokenizer or data whose ids do not fit the model.
 
 ``data.data_path`` uses Megatron-LM's blend syntax (``[prefix]`` or ``[w1, p1, w2, p2, ...]``) and
@@ -23,6 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_elastic.config import Config, ConfigError
+from megatron_elastic.data.chat_dataset import CHAT, TEXT, ChatDataset, resolve_dataset_type
 
 
 def parse_blend(data_path: List, key: str = "data.data_path") -> Tuple[List[str], Optional[List[float]]]:
@@ -65,18 +68,40 @@ def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
         max(1, num_evals * t.eval_iters * t.global_batch_size),
         max(1, t.eval_iters * t.global_batch_size),
     ]
+    blends = {"data.data_path": parse_blend(d.data_path)}
+    for key in ("valid_data_path", "test_data_path"):
+        if getattr(d, key):
+            blends[f"data.{key}"] = parse_blend(getattr(d, key), f"data.{key}")
+    kind = resolve_dataset_type(cfg, {key: blend[0] for key, blend in blends.items()})
     if not d.valid_data_path:
-        return _build(cfg, tokenizer, sizes, t.seed, blend=parse_blend(d.data_path), split=d.split)
-    train = _build(cfg, tokenizer, [sizes[0], None, None], t.seed,
-                   blend_per_split=[parse_blend(d.data_path), None, None])[0]
-    # Size None: every sample once, in an order that depends on valid_seed and the data only.
-    held_out = [None, parse_blend(d.valid_data_path, "data.valid_data_path"),
-                parse_blend(d.test_data_path, "data.test_data_path") if d.test_data_path else None]
-    _, valid, test = _build(cfg, tokenizer, [None, None, None], d.valid_seed, blend_per_split=held_out)
-    return train, valid, test
+        datasets = _build(cfg, tokenizer, sizes, t.seed, kind, blend=blends["data.data_path"], split=d.split)
+    else:
+        train = _build(cfg, tokenizer, [sizes[0], None, None], t.seed, kind,
+                       blend_per_split=[blends["data.data_path"], None, None])[0]
+        # Size None: every sample once, in an order that depends on valid_seed and the data only.
+        held_out = [None, blends["data.valid_data_path"], blends.get("data.test_data_path")]
+        _, valid, test = _build(cfg, tokenizer, [None, None, None], d.valid_seed, kind,
+                                blend_per_split=held_out)
+        datasets = [train, valid, test]
+    if kind == CHAT:
+        _print_chat_reports(datasets)
+    return tuple(datasets)
 
 
-def _build(cfg: Config, tokenizer, sizes, seed: int, blend=None, split=None, blend_per_split=None):
+def _print_chat_reports(datasets) -> None:
+    """Rank 0 prints each chat dataset's truncation line (``ChatDataset.report``)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for dataset in datasets:
+        for part in getattr(dataset, "datasets", [dataset]):  # a BlendedDataset's parts, or itself
+            if isinstance(part, ChatDataset):
+                print(part.report, flush=True)
+
+
+def _build(cfg: Config, tokenizer, sizes, seed: int, kind: str = TEXT, blend=None, split=None,
+           blend_per_split=None):
     ds_config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=cfg.model.seq_length,
@@ -91,7 +116,8 @@ def _build(cfg: Config, tokenizer, sizes, seed: int, blend=None, split=None, ble
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_config).build()
+    cls = ChatDataset if kind == CHAT else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config).build()
 
 
 class BatchReader:
@@ -102,6 +128,11 @@ class BatchReader:
             raise ConfigError(
                 "a dataset split is empty: data.split gives it no documents; adjust data.split "
                 "(e.g. 949,50,1) or add data"
+            )
+        if len(dataset) == 0:
+            raise ConfigError(
+                "a dataset split has no samples: data.split gives it no documents (or "
+                "conversations); adjust data.split (e.g. 90,10,0) or add data"
             )
         self.dataset = dataset
         self.mbs = micro_batch_size

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 INPUT_FORMATS = ("auto", "jsonl", "text")
 
@@ -55,6 +55,20 @@ def document_text(raw: bytes, json_key: Optional[str], where: str) -> Optional[s
         raise DataError(f"{where}: not valid UTF-8: {error}") from None
     if json_key is None:
         return line
+    record = parse_record(line, where)
+    if record is None:
+        return None
+    if json_key not in record:
+        keys = ", ".join(sorted(map(repr, record))) or "none"
+        raise DataError(f"{where}: missing key {json_key!r} (keys present: {keys}; see --json-key)")
+    text = record[json_key]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {json_key!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def parse_record(line: str, where: str) -> Optional[dict]:
+    """The JSON object on one jsonl line; None for a blank line."""
     if not line.strip():
         return None
     try:
@@ -63,13 +77,7 @@ def document_text(raw: bytes, json_key: Optional[str], where: str) -> Optional[s
         raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if json_key not in record:
-        keys = ", ".join(sorted(map(repr, record))) or "none"
-        raise DataError(f"{where}: missing key {json_key!r} (keys present: {keys}; see --json-key)")
-    text = record[json_key]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: {json_key!r} is {type(text).__name__}, expected a string")
-    return text
+    return record
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,19 @@ class Chunk:
                 yield document_text(raw, json_key, f"{self.path}:{self.first_line + offset}")
             else:
                 yield document_text(raw, None, self.path)
+
+    def records(self) -> Iterator[Tuple[str, Optional[dict]]]:
+        """``("file:line", object)`` per jsonl line (object None for a blank line)."""
+        if not self.is_jsonl:
+            raise DataError(f"{self.path}: chat data must be jsonl (one conversation per line), "
+                            "not a plain-text file; name it *.jsonl or pass --input-format jsonl")
+        for offset, raw in enumerate(self.lines):
+            where = f"{self.path}:{self.first_line + offset}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not valid UTF-8: {error}") from None
+            yield where, parse_record(line, where)
 
 
 def read_chunks(paths: Sequence[Path], input_format: str, chunk_lines: int) -> Iterator[Chunk]:

@@ -34,8 +34,10 @@ def meta_path(prefix: str) -> Path:
 
 def write_meta(prefix: str, *, max_token_id: int, vocab_size: int, tokenizer_model: str,
                tokenizer_sha256: str, documents: int, tokens: int,
-               bin_path: Optional[Path] = None, idx_path: Optional[Path] = None) -> Path:
-    """Write ``<prefix>.meta.json`` atomically (temporary name + rename)."""
+               bin_path: Optional[Path] = None, idx_path: Optional[Path] = None,
+               extra: Optional[dict] = None) -> Path:
+    """Write ``<prefix>.meta.json`` atomically (temporary name + rename); ``extra`` adds fields
+    (chat data records its loss-mask files and chat template there)."""
     bin_path = Path(bin_path or f"{prefix}.bin")
     idx_path = Path(idx_path or f"{prefix}.idx")
     record = {
@@ -48,6 +50,7 @@ def write_meta(prefix: str, *, max_token_id: int, vocab_size: int, tokenizer_mod
         "tokens": int(tokens),
         "bin_bytes": bin_path.stat().st_size,
         "idx_bytes": idx_path.stat().st_size,
+        **(extra or {}),
     }
     path = meta_path(prefix)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -100,22 +100,26 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
 
 
 def encode_in_order(
-    chunks: Iterator[Chunk], workers: int, init_args: tuple
+    chunks: Iterator[Chunk], workers: int, init_args: tuple, initializer=None, encode=None,
 ) -> Iterator[EncodedChunk]:
     """Encode chunks with ``workers`` processes, yielding results in input order.
 
+    ``initializer(*init_args)`` sets up each worker and ``encode(chunk)`` encodes one chunk
+    (default: this module's document encoder; the chat encoder passes its own).
     A bounded window of ``apply_async`` calls instead of ``Pool.imap``: imap's feeder thread
     reads the whole input into the task queue up front, this keeps ``4 * workers`` chunks in
     flight. Order, and therefore the output, is the same as a single-process run.
     """
+    initializer = initializer or init_worker
+    encode = encode or encode_chunk
     if workers == 1:
-        init_worker(*init_args)
-        yield from map(encode_chunk, chunks)
+        initializer(*init_args)
+        yield from map(encode, chunks)
         return
-    with multiprocessing.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+    with multiprocessing.Pool(workers, initializer=initializer, initargs=init_args) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            pending.append(pool.apply_async(encode, (chunk,)))
             if len(pending) >= 4 * workers:
                 yield pending.popleft().get()
         while pending:

@@ -51,15 +51,17 @@ def _stdlib_text(limit: int = 300_000) -> list:
     return texts
 
 
-def save_byte_level_bpe(directory: Path, texts: list, **special) -> Path:
+def save_byte_level_bpe(directory: Path, texts: list, extra_special_tokens=(), **special) -> Path:
+    """Train an 800-entry byte-level BPE on ``texts`` and ``save_pretrained`` it to ``directory``;
+    ``special`` are ``PreTrainedTokenizerFast`` arguments (eos_token=..., chat_template=...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=[EOS, "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=[EOS, "<pad>", *extra_special_tokens],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(str(directory))
     return directory
