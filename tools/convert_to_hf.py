@@ -34,8 +34,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--load", required=True, help="checkpoint root (uses the latest tracker) or an iter_N directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--architecture", default="auto", choices=["auto", "mixtral", "qwen3_moe"],
-                        help="auto: qwen3_moe for QK-norm models, mixtral otherwise")
+    parser.add_argument("--architecture", default="auto",
+                        choices=["auto", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe"],
+                        help="auto: olmoe for projection-wide QK-norm, qwen2_moe for a shared expert, "
+                             "qwen3_moe for per-head QK-norm, mixtral otherwise")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the written weights (auto: as stored in the checkpoint)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")

@@ -126,6 +126,47 @@ def hf_qwen3(**extra):
     return model.eval()
 
 
+def hf_qwen2(**extra):
+    """Qwen2-MoE with a gated shared expert, q/k/v biases and layer 1 dense (mlp_only_layers)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, moe_intermediate_size=24,
+                  shared_expert_intermediate_size=40, num_hidden_layers=3, mlp_only_layers=[1],
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  norm_topk_prob=False, qkv_bias=True, max_position_embeddings=64, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=3)
+    config.update(extra)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**config))
+    randomize(model, 7)
+    return model.eval()
+
+
+def hf_olmoe(**extra):
+    """OLMoE: QK-norm over the whole q / k projection, raw top-k softmax gates (its default)."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config.update(extra)
+    model = OlmoeForCausalLM(OlmoeConfig(**config))
+    randomize(model, 8)
+    return model.eval()
+
+
+def hf_qwen3_mixed(**extra):
+    """Qwen3-MoE with every other layer dense (decoder_sparse_step=2: layers 1 and 3 are MoE) and
+    renormalised top-k gates."""
+    return hf_qwen3(num_hidden_layers=4, decoder_sparse_step=2, norm_topk_prob=True, **extra)
+
+
+# HF builders of the architectures beyond Mixtral / Qwen3-MoE (the ``archs`` fixture).
+ARCH_BUILDERS = {"qwen2": hf_qwen2, "olmoe": hf_olmoe, "qwen3_mixed": hf_qwen3_mixed}
+# k checks per architecture: the default (k_train = 2), k' = 1 and 3 everywhere, a per-MoE-layer list.
+ARCH_K_CHECKS = {"qwen2": [None, 1, 3, [3, 1]], "olmoe": [None, 1, 3, [1, 3]],
+                 "qwen3_mixed": [None, 1, 3, [3, 1]]}
+
+
 # ------------------------------------------------------------------------------ process workers
 # Where tensor parallelism splits each weight (dim of the local tensor), as Megatron's column-
 # (qkv, fc1, embedding, output) and row-parallel (proj, fc2) layers do.
