@@ -298,3 +298,59 @@ def ep2_work(rank, world_size, data, root):
     finally:
         parallel.destroy()
     return out
+
+
+def arch_import_work(rank, world_size, root):
+    """Import every ``ARCH_BUILDERS`` model (recipes for expert parallel size 2)."""
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    root = Path(root)
+    for name in ARCH_BUILDERS:
+        convert_hf_to_megatron(root / f"hf_{name}", root / f"imported_{name}", expert_model_parallel_size=2,
+                               progress=False)
+    return True
+
+
+def arch_ep2_work(rank, world_size, data, root):
+    """Under expert parallel size 2: each imported model loaded, its logits at every k check,
+    saved again (the export's source); then a few steps of EMoE-pool + layer-wise elastic
+    training from the imported Qwen2-MoE (shared expert, a dense layer)."""
+    from megatron_elastic import parallel
+    from megatron_elastic.config import load_config
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.train import run
+    from megatron_elastic.training.checkpoint import load_checkpoint, save_checkpoint
+
+    root = Path(root)
+    out = {}
+    first = load_config(root / "imported_qwen2" / "megatron_config.yaml")
+    parallel.initialize(first)
+    try:
+        for name in ARCH_BUILDERS:
+            imported = root / f"imported_{name}"
+            cfg = load_config(imported / "megatron_config.yaml")
+            assert cfg.parallel.expert_model_parallel_size == 2
+            m = build_model(cfg, VOCAB)
+            load_checkpoint(imported, m, None, cfg, finetune=True)
+            out[f"{name}_local_experts"] = len(next(layer.mlp.experts.local_experts for layer in m.decoder.layers
+                                                    if hasattr(layer.mlp, "router")))
+            out[name] = {json.dumps(k): megatron_model_logits(m, k) for k in ARCH_K_CHECKS[name]}
+            save_checkpoint(root / f"ep2_{name}", m, None, cfg, 0)
+        recipe = load_config(root / "imported_qwen2" / "megatron_config.yaml", [
+            f"data.data_path=[{data['prefix']}]", "data.split=90,10,0",
+            f"checkpoint.save={root / 'trained_qwen2'}", "checkpoint.save_interval=3",
+            "train.train_iters=3", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.eval_interval=0", "train.eval_iters=1", "train.lr_warmup_iters=0", "train.lr=1e-2",
+            "model.seq_length=32", "logging.tensorboard_dir=null", "logging.log_interval=1",
+            "elastic.schedule=layerwise", "elastic.k_min=1", "elastic.k_max=2", "elastic.pool_ratio=2",
+            "elastic.eval_k=[2,1]", "elastic.router_loss_coeff=1e-3",
+        ])
+        result = run(recipe)
+        out["train_losses"], out["train_iteration"] = result.losses, result.iteration
+        trained = build_model(recipe, VOCAB)
+        load_checkpoint(root / "trained_qwen2", trained, None, recipe, finetune=True)
+        out["trained_shared_gate"] = trained.decoder.layers[0].mlp.shared_experts.gate_weight.detach().clone()
+        out["trained"] = megatron_model_logits(trained, [2, 1])
+    finally:
+        parallel.destroy()
+    return out
