@@ -21,6 +21,7 @@ from conversion_helpers import (
     hf_qwen2,
     read_safetensors,
     record_diff,
+    sample_tokens,
 )
 
 ARCH_OF = {"qwen2": "qwen2_moe", "olmoe": "olmoe", "qwen3_mixed": "qwen3_moe"}
@@ -90,6 +91,29 @@ def test_elastic_recipe_trains_shared_expert_model_with_dense_layer(archs):
     source = read_safetensors(archs["root"] / "hf_qwen2")["model.layers.0.mlp.shared_expert_gate.weight"]
     assert (first["trained_shared_gate"] - source).abs().max() > 1e-6
     assert torch.isfinite(first["trained"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_per_moe_layer_inference_k_recorded_and_applied(archs, tmp_path):
+    """``--inference-k`` lists one k per MoE layer (the dense layer has none); load_elastic_hf
+    applies it to the exported Qwen2-MoE and reproduces the Megatron logits at that budget."""
+    from megatron_elastic.convert import ConversionError
+    from megatron_elastic.convert.hf_elastic import get_hf_inference_k, load_elastic_hf
+    from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+
+    root = archs["root"]
+    with pytest.raises(ConversionError, match=r"one k per MoE layer \(2: layers \[0, 2\] in depth order"):
+        convert_megatron_to_hf(root / "ep2_qwen2", tmp_path / "bad", inference_k=[3, 1, 2], progress=False)
+    out = tmp_path / "budget"
+    convert_megatron_to_hf(root / "ep2_qwen2", out, inference_k=[3, 1], progress=False)
+    assert json.loads((out / "config.json").read_text())["elastic_moe"]["inference_k"] == [3, 1]
+    model = load_elastic_hf(str(out))
+    assert get_hf_inference_k(model) == [3, 1]
+    with torch.no_grad():
+        logits = model(input_ids=sample_tokens()).logits.float()
+    diff = record_diff("qwen2 export inference_k=[3, 1]", logits, archs["ep2"][0]["qwen2"][json.dumps([3, 1])])
+    assert diff < TOL
 
 
 # ------------------------------------------------------------------------------ refusals
