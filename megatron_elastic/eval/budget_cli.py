@@ -55,7 +55,7 @@ def search(args) -> dict:
 
     cfg, env, tokenizer, model, ckpt_dir, iteration = load_for_eval(args.load, None, args.overrides,
                                                                     args.eval_iters)
-    n, e = cfg.model.num_layers, cfg.model.num_moe_experts
+    n, e = len(cfg.model.moe_layers), cfg.model.num_moe_experts  # budgets: one k per MoE layer
     k_hi = args.k_max or min(2 * cfg.default_eval_k, e)
     if not 1 <= k_hi <= e:
         raise EvalError(f"--k-max {k_hi} must lie in [1, num_moe_experts={e}]")
