@@ -338,6 +338,8 @@ def check_supported(hf, arch: str, source: str) -> None:
         problems.append(f"sliding_window={c.sliding_window} (no sliding-window attention)")
     elif getattr(c, "use_sliding_window", False):
         problems.append("use_sliding_window=true (no sliding-window attention)")
+    elif any(t != "full_attention" for t in getattr(c, "layer_types", None) or []):
+        problems.append(f"layer_types={c.layer_types} (full attention in every layer only)")
     if arch in ("qwen3_moe", "olmoe") and getattr(c, "attention_bias", False):
         problems.append("attention_bias=true (the Megatron model has q/k/v biases only with Qwen2-MoE's "
                         "qkv_bias; no output-projection or Qwen3/OLMoE attention biases)")

@@ -137,6 +137,7 @@ def test_import_refuses_what_is_not_mapped(tmp_path):
         (olmoe, {"attention_bias": True}, "attention_bias=true"),
         (olmoe, {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling"),
         (qwen2, {"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+        (qwen2, {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types="),
         (qwen2, {"mlp_only_layers": [0, 1, 2]}, "leave no MoE layer"),
         (qwen2, {"hidden_act": "gelu"}, "hidden_act=gelu"),
         # config.json says no q/k/v biases but the weights have them: never silently dropped.
