@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_from_hf.py",
-        description="Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory -> Megatron-core distributed checkpoint.",
+        description="Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory -> Megatron-core "
+                    "distributed checkpoint.",
     )
     parser.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors weights")
     parser.add_argument("--output", required=True, help="checkpoint root to create")

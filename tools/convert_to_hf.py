@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_to_hf.py",
-        description="Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory.",
+        description="Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / "
+                    "OLMoE directory.",
     )
     parser.add_argument("--load", required=True, help="checkpoint root (uses the latest tracker) or an iter_N directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")

@@ -144,7 +144,8 @@ def test_shared_expert_dense_layer_and_bias_export_from_every_expert_layout():
     for k, v in seq.items():
         m = re.match(r"(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.linear_fc(\d)\.weight", k)
         if m and m[3] == "1":
-            singleton[f"{m[1]}experts.{m[2]}.linear_fc1.weight_w"], singleton[f"{m[1]}experts.{m[2]}.linear_fc1.weight_v"] = v.chunk(2)
+            key = f"{m[1]}experts.{m[2]}.linear_fc1.weight"
+            singleton[key + "_w"], singleton[key + "_v"] = v.chunk(2)
         elif m:
             singleton[f"{m[1]}experts.{m[2]}.linear_fc2.weight"] = v
         else:
