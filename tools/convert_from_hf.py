@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import a Hugging Face Mixtral / Qwen3-MoE directory as a Megatron-core checkpoint.
+"""Import a Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory as a Megatron-core checkpoint.
 
     python tools/convert_from_hf.py --hf-dir hf/smoke --output runs/imported \\
         --tensor-model-parallel-size 1 --expert-model-parallel-size 2
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_from_hf.py",
-        description="Hugging Face Mixtral / Qwen3-MoE directory -> Megatron-core distributed checkpoint.",
+        description="Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory -> Megatron-core "
+                    "distributed checkpoint.",
     )
     parser.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors weights")
     parser.add_argument("--output", required=True, help="checkpoint root to create")

@@ -5,7 +5,8 @@
 
 ``--load`` takes a run's checkpoint root (the newest complete save, per
 latest_checkpointed_iteration.txt) or one ``iter_NNNNNNN`` directory. The output is a
-``MixtralForCausalLM`` (no QK-norm) or ``Qwen3MoeForCausalLM`` (QK-norm) directory that
+``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` (per-head QK-norm), ``Qwen2MoeForCausalLM``
+(gated shared expert) or ``OlmoeForCausalLM`` (projection-wide QK-norm) directory that
 ``AutoModelForCausalLM.from_pretrained`` loads without ``trust_remote_code``: config.json (with
 the elastic schedule under ``elastic_moe``), safetensors shards + index, tokenizer,
 generation_config.json. The checkpoint is streamed one layer at a time (see docs/hf_conversion.md
@@ -30,12 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_to_hf.py",
-        description="Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE directory.",
+        description="Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / "
+                    "OLMoE directory.",
     )
     parser.add_argument("--load", required=True, help="checkpoint root (uses the latest tracker) or an iter_N directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--architecture", default="auto", choices=["auto", "mixtral", "qwen3_moe", "deepseek_v3"],
-                        help="auto: deepseek_v3 for multi-latent attention, qwen3_moe for QK-norm models, "
+    parser.add_argument("--architecture", default="auto",
+                        choices=["auto", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"],
+                        help="auto: deepseek_v3 for multi-latent attention, olmoe for projection-wide "
+                             "QK-norm, qwen2_moe for a shared expert, qwen3_moe for per-head QK-norm, "
                              "mixtral otherwise")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the written weights (auto: as stored in the checkpoint)")

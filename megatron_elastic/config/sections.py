@@ -21,7 +21,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int = 2
     kv_channels: Optional[int] = None  # default hidden_size // num_attention_heads
-    ffn_hidden_size: Optional[int] = None  # dense MLP width; unused while every layer is MoE
+    ffn_hidden_size: Optional[int] = None  # dense MLP width: needed when moe_layer_freq has dense layers
     seq_length: int = 128
     max_position_embeddings: Optional[int] = None  # default seq_length
     vocab_size: Optional[int] = None  # default: the tokenizer's, padded
@@ -29,6 +29,10 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     qk_layernorm: bool = False
+    # What QK-norm normalises: each head (Megatron, Qwen3-MoE) or the whole q / k projection
+    # (OLMoE; tensor parallel size 1 only).
+    qk_norm_scope: str = "head"
+    add_qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-MoE); no other biases
     rotary_base: float = 10000.0
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
@@ -66,6 +70,37 @@ class ModelConfig:
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
     moe_router_topk_scaling_factor: Optional[float] = None
+    # Which layers are MoE (Megatron's moe_layer_freq): an int N = every N-th layer from layer 0,
+    # or one 0/1 per layer (0 = dense SwiGLU MLP of ffn_hidden_size).
+    moe_layer_freq: Any = 1
+    # An always-on shared expert in every MoE layer (Qwen2-MoE), optionally scaled by a sigmoid gate.
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+
+    @property
+    def moe_layer_pattern(self) -> List[int]:
+        """One 0/1 per global layer (1 = MoE), from moe_layer_freq as Megatron-core reads it."""
+        freq = self.moe_layer_freq
+        if isinstance(freq, int) and not isinstance(freq, bool):
+            if freq < 1:
+                raise ConfigError(f"model.moe_layer_freq={freq} must be >= 1 (or a 0/1 list per layer)")
+            return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+        if isinstance(freq, list) and all(v in (0, 1) and not isinstance(v, bool) for v in freq):
+            if len(freq) != self.num_layers:
+                raise ConfigError(
+                    f"model.moe_layer_freq lists {len(freq)} entries for model.num_layers="
+                    f"{self.num_layers}: give one 0 (dense) or 1 (MoE) per layer"
+                )
+            return list(freq)
+        raise ConfigError(
+            f"model.moe_layer_freq={freq!r} must be an int >= 1 or a list of 0/1, one per layer"
+        )
+
+    @property
+    def moe_layers(self) -> List[int]:
+        """Global indices of the MoE layers, in depth order: every per-layer k list (elastic.eval_k,
+        elastic_moe.inference_k, set_inference_k) has one entry per index here."""
+        return [i for i, v in enumerate(self.moe_layer_pattern) if v]
 
 
 @dataclass

@@ -111,6 +111,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.dataset_type={d.dataset_type!r} must be text, chat or null (null: "
                           "chat when the data has a loss mask, else text)")
     _validate_ranges(cfg)
+    _validate_layers(cfg)
     _validate_moe(cfg)
     _validate_elastic(cfg)
     _validate_mla_and_sigmoid_routing(cfg)
@@ -175,6 +176,49 @@ def _validate_ranges(cfg) -> None:
         raise ConfigError(
             f"parallel.distributed_timeout_minutes={p.distributed_timeout_minutes} must be > 0"
         )
+
+def _validate_layers(cfg) -> None:
+    """Which layers are MoE, shared experts, QK-norm scope and qkv biases."""
+    m, p = cfg.model, cfg.parallel
+    pattern = m.moe_layer_pattern  # ConfigError naming moe_layer_freq when malformed
+    if not any(pattern):
+        raise ConfigError(
+            f"model.moe_layer_freq={m.moe_layer_freq!r} makes no layer MoE: elastic k needs at "
+            "least one MoE layer (set a 1 for it)"
+        )
+    if not all(pattern) and (m.ffn_hidden_size is None or m.ffn_hidden_size < 1):
+        raise ConfigError(
+            f"model.moe_layer_freq={m.moe_layer_freq!r} has dense layers but model.ffn_hidden_size "
+            f"is {m.ffn_hidden_size}: set the dense MLP width (e.g. model.ffn_hidden_size="
+            f"{4 * m.hidden_size})"
+        )
+    size = m.moe_shared_expert_intermediate_size
+    if size is not None and size < 1:
+        raise ConfigError(
+            f"model.moe_shared_expert_intermediate_size={size} must be a positive width (or null "
+            "for no shared expert)"
+        )
+    if m.moe_shared_expert_gate and size is None:
+        raise ConfigError(
+            "model.moe_shared_expert_gate=true needs a shared expert: set "
+            "model.moe_shared_expert_intermediate_size"
+        )
+    if m.qk_norm_scope not in ("head", "projection"):
+        raise ConfigError(f"model.qk_norm_scope={m.qk_norm_scope!r} must be 'head' or 'projection'")
+    if m.qk_norm_scope == "projection":
+        if not m.qk_layernorm:
+            raise ConfigError(
+                "model.qk_norm_scope=projection needs model.qk_layernorm=true (the scope says what "
+                "QK-norm normalises; without QK-norm there is nothing to scope)"
+            )
+        if p.tensor_model_parallel_size > 1:
+            raise ConfigError(
+                "model.qk_norm_scope=projection normalises over all heads of q / k, but tensor "
+                "parallelism splits the heads across ranks (the norm would need a cross-rank "
+                "reduction, not implemented): use parallel.tensor_model_parallel_size=1 (expert "
+                "and data parallelism work)"
+            )
+
 
 def _validate_moe(cfg) -> None:
     """MoE settings Megatron-core asserts on while building the model, refused up front."""
@@ -282,9 +326,13 @@ def _validate_elastic(cfg) -> None:
         raise ConfigError("elastic.router_loss_coeff must be >= 0")
     if e.eval_k is not None:
         ks = e.eval_k if isinstance(e.eval_k, list) else [e.eval_k]
-        if isinstance(e.eval_k, list) and len(ks) != m.num_layers:
+        moe_layers = m.moe_layers
+        if isinstance(e.eval_k, list) and len(ks) != len(moe_layers):
+            dense = len(moe_layers) != m.num_layers
             raise ConfigError(
-                f"elastic.eval_k lists {len(ks)} values but the model has {m.num_layers} layers"
+                f"elastic.eval_k lists {len(ks)} values but the model has {len(moe_layers)} MoE "
+                "layers: give one k per MoE layer, in depth order"
+                + (f" (the MoE layers are {moe_layers}; dense layers have no k)" if dense else "")
             )
         for k in ks:
             if not isinstance(k, int) or not 1 <= k <= n:

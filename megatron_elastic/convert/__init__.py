@@ -1,9 +1,12 @@
 """Hugging Face conversion: Megatron-core distributed checkpoints <-> Mixtral / Qwen3-MoE /
-DeepSeek-V3 (multi-latent attention: ``deepseek_v3`` maps it, ``deepseek_v3_io`` converts it).
+Qwen2-MoE / OLMoE / DeepSeek-V3 (multi-latent attention: ``deepseek_v3`` maps it, ``deepseek_v3_io``
+converts it).
 
 * ``to_hf.convert_megatron_to_hf``: a checkpoint saved under any tensor/expert-parallel layout
-  -> a ``transformers`` model directory (``MixtralForCausalLM`` without QK-norm,
-  ``Qwen3MoeForCausalLM`` with it), streamed one layer at a time.
+  -> a ``transformers`` model directory (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` for
+  per-head QK-norm, ``Qwen2MoeForCausalLM`` for a gated shared expert, ``OlmoeForCausalLM`` for
+  projection-wide QK-norm; mixed dense/MoE layers as Qwen2/3-MoE ``mlp_only_layers``), streamed
+  one layer at a time.
 * ``from_hf.convert_hf_to_megatron``: the inverse, plus a YAML recipe to continue training.
 * ``hf_elastic``: set the number of activated experts k' on a loaded transformers model,
   globally or per layer, and read the per-layer k the export recorded.

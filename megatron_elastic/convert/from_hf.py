@@ -1,5 +1,5 @@
-"""Hugging Face Mixtral / Qwen3-MoE directory -> Megatron-core distributed checkpoint + recipe
-(DeepSeek-V3 directories are handed to ``deepseek_v3_io``).
+"""Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory -> Megatron-core distributed
+checkpoint + recipe (DeepSeek-V3 directories are handed to ``deepseek_v3_io``).
 
 The import builds the project's own ``GPTModel`` (``models/gpt.build_model``) in one process with
 tensor/expert parallel size 1, copies the weights in layer by layer (safetensors are memory-mapped
@@ -10,9 +10,9 @@ chooses (``dist_checkpointing`` reshards on load). Memory: the Megatron model on
 single collective call over the whole state) plus the source tensors of one layer.
 
 Everything that can be wrong with the input is checked before the model is built: the
-architecture, features neither Megatron recipe here expresses (sliding windows, attention biases,
-dense layers, RoPE scaling), every tensor's presence and shape, and tensors the mapping would
-silently drop.
+architecture, features the Megatron model here does not express (sliding windows, attention
+biases other than Qwen2-MoE's q/k/v ones, OLMoE's clip_qkv, RoPE scaling; ``hf_config.check_supported``),
+every tensor's presence and shape, and tensors the mapping would silently drop.
 
 This module orchestrates; the pieces are ``hf_config`` (config.json -> recipe), ``hf_reader``
 (locating and reading the safetensors weights), ``mapping`` (hub names and layouts -> Megatron

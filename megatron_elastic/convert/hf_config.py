@@ -1,7 +1,9 @@
 """Model configuration across the two formats: Megatron run config <-> Hugging Face config.json.
 
-Export (Megatron -> HF): ``choose_architecture`` picks Mixtral (no QK-norm) or Qwen3-MoE (QK-norm)
-and refuses what neither can express exactly; ``model_shape`` gives the tensor shapes;
+Export (Megatron -> HF): ``choose_architecture`` picks the architecture that expresses the model
+(OLMoE for projection-wide QK-norm, Qwen2-MoE for a shared expert, Qwen3-MoE for per-head QK-norm,
+else Mixtral) and refuses, by name, every feature the chosen one cannot express exactly (see
+``_refusals``); ``model_shape`` gives the tensor shapes;
 ``hf_config`` builds the transformers config object, with the elastic schedule under
 ``elastic_moe`` (``elastic_metadata``).
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -29,10 +31,18 @@ ELASTIC_FORMAT_VERSION = 1
 
 # ------------------------------------------------------------------------------ export: architecture
 def choose_architecture(cfg: Config, requested: Optional[str] = None) -> str:
-    """Mixtral without QK-norm, Qwen3-MoE with it; refuse what neither can express exactly."""
+    """The architecture to export to (``requested``, or the one the model's features imply);
+    ConversionError listing every feature it cannot express exactly."""
     m = cfg.model
     if requested in (None, "auto"):
-        arch = "qwen3_moe" if m.qk_layernorm else "mixtral"
+        if m.qk_layernorm and m.qk_norm_scope == "projection":
+            arch = "olmoe"
+        elif m.moe_shared_expert_intermediate_size is not None:
+            arch = "qwen2_moe"
+        elif m.qk_layernorm:
+            arch = "qwen3_moe"
+        else:
+            arch = "mixtral"
     elif requested in mapping.ARCHITECTURES:
         arch = requested
     elif requested in mapping.HF_CLASS_TO_ARCH:
@@ -44,35 +54,72 @@ def choose_architecture(cfg: Config, requested: Optional[str] = None) -> str:
     if m.multi_latent_attention:
         raise ConversionError("the model has multi-latent attention: export it as deepseek_v3 "
                               "(convert_megatron_to_hf chooses it by itself)")
-    if m.normalization != "RMSNorm":
-        raise ConversionError(f"model.normalization={m.normalization}: Mixtral and Qwen3-MoE use RMSNorm")
-    if m.moe_router_score_function != "softmax":
+    problems = _refusals(cfg, arch)
+    if problems:
         raise ConversionError(
-            f"model.moe_router_score_function={m.moe_router_score_function}: Mixtral and Qwen3-MoE "
-            "route with a softmax; a sigmoid router has no equivalent there"
-        )
-    if arch == "mixtral" and m.qk_layernorm:
-        raise ConversionError(
-            "the model has QK-norm (model.qk_layernorm=true) but Mixtral has none: export it as "
-            "qwen3_moe (the default for QK-norm models)"
-        )
-    if arch == "qwen3_moe" and not m.qk_layernorm:
-        raise ConversionError(
-            "Qwen3-MoE always normalises queries and keys but this model has no QK-norm: export it "
-            "as mixtral (the default for models without QK-norm)"
-        )
-    if arch == "mixtral" and m.moe_router_pre_softmax:
-        raise ConversionError(
-            "model.moe_router_pre_softmax=true: the gate weights are the raw softmax probabilities of "
-            "the selected experts (their sum grows with k), but Mixtral always renormalises the "
-            "top-k probabilities to sum to 1, so the exported model would compute something else. "
-            "Only Qwen3-MoE (norm_topk_prob=false) expresses this router, and it needs QK-norm"
+            f"cannot export this model as {mapping.ARCHITECTURES[arch]}: " + "; ".join(problems)
         )
     return arch
 
 
+_QK_NORM_ARCH = {"head": "qwen3_moe", "projection": "olmoe"}
+
+
+def _refusals(cfg: Config, arch: str) -> List[str]:
+    """Every feature of the model that ``arch`` cannot express (each would change the outputs)."""
+    m = cfg.model
+    name = mapping.ARCHITECTURES[arch]
+    out = []
+    if m.normalization != "RMSNorm":
+        out.append(f"model.normalization={m.normalization}: {name} uses RMSNorm")
+    if m.moe_router_score_function != "softmax":
+        out.append(f"model.moe_router_score_function={m.moe_router_score_function}: {name} routes "
+                   "with a softmax; a sigmoid router has no equivalent there")
+    wants_qk = {"mixtral": None, "qwen2_moe": None, "qwen3_moe": "head", "olmoe": "projection"}[arch]
+    has_qk = m.qk_norm_scope if m.qk_layernorm else None
+    if has_qk != wants_qk:
+        if has_qk is None:
+            out.append(f"{name} always normalises queries and keys ({wants_qk} scope) but this model has "
+                       "no QK-norm: export it as mixtral, or qwen2_moe with a shared expert")
+        else:
+            out.append(f"the model has QK-norm over each {has_qk} (model.qk_layernorm=true, "
+                       f"model.qk_norm_scope={m.qk_norm_scope}) which {name} "
+                       + ("does not have" if wants_qk is None else f"applies per {wants_qk}")
+                       + f": export it as {_QK_NORM_ARCH[has_qk]}")
+    shared = m.moe_shared_expert_intermediate_size
+    if arch == "qwen2_moe":
+        if shared is None:
+            out.append("Qwen2-MoE always has a gated shared expert but this model has none "
+                       "(model.moe_shared_expert_intermediate_size=null): export it as mixtral")
+        elif not m.moe_shared_expert_gate:
+            out.append("model.moe_shared_expert_gate=false: Qwen2-MoE always scales its shared expert "
+                       "by a sigmoid gate")
+    elif shared is not None:
+        out.append(f"model.moe_shared_expert_intermediate_size={shared}: {name} has no shared "
+                   "expert (qwen2_moe has one)")
+    if m.add_qkv_bias and arch != "qwen2_moe":
+        out.append(f"model.add_qkv_bias=true: {name} has no q/k/v biases (qwen2_moe has them)")
+    if not all(m.moe_layer_pattern) and arch not in ("qwen2_moe", "qwen3_moe"):
+        out.append(f"model.moe_layer_freq={m.moe_layer_freq!r} has dense layers: {name} makes every "
+                   "layer MoE (qwen2_moe and qwen3_moe have mlp_only_layers)")
+    if arch == "mixtral" and m.moe_router_pre_softmax:
+        out.append(
+            "model.moe_router_pre_softmax=true: the gate weights are the raw softmax probabilities of "
+            "the selected experts (their sum grows with k), but Mixtral always renormalises the "
+            "top-k probabilities to sum to 1, so the exported model would compute something else. "
+            "Qwen3-MoE, Qwen2-MoE and OLMoE (norm_topk_prob=false) express this router"
+        )
+    if arch == "olmoe":
+        head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+        if head_dim * m.num_attention_heads != m.hidden_size:
+            out.append(f"model.kv_channels={m.kv_channels}: OLMoE's head dim is always "
+                       f"hidden_size / num_attention_heads = {m.hidden_size // m.num_attention_heads}")
+    return out
+
+
 def model_shape(cfg: Config, vocab_size: int, arch: str) -> ModelShape:
     m = cfg.model
+    dense = tuple(i for i, v in enumerate(m.moe_layer_pattern) if not v)
     return ModelShape(
         architecture=arch,
         num_layers=m.num_layers,
@@ -85,6 +132,12 @@ def model_shape(cfg: Config, vocab_size: int, arch: str) -> ModelShape:
         vocab_size=vocab_size,
         qk_layernorm=m.qk_layernorm,
         tied_embeddings=not m.untie_embeddings_and_output_weights,
+        dense_layers=dense,
+        dense_ffn_hidden_size=(m.ffn_hidden_size or 0) if dense else 0,
+        shared_expert_size=m.moe_shared_expert_intermediate_size or 0,
+        shared_expert_gate=m.moe_shared_expert_gate,
+        qkv_bias=m.add_qkv_bias,
+        qk_norm_scope=m.qk_norm_scope,
     )
 
 
@@ -145,6 +198,9 @@ def hf_config(cfg: Config, shape: ModelShape, dtype: torch.dtype, special: Optio
         dtype=str(dtype).replace("torch.", ""),
         elastic_moe=elastic_metadata(cfg, iteration),
     )
+    # Qwen2/3-MoE and OLMoE renormalise the top-k probabilities iff norm_topk_prob; Megatron does
+    # iff not moe_router_pre_softmax (softmax over the selected logits == renormalised top-k).
+    norm_topk_prob = not m.moe_router_pre_softmax
     if shape.architecture == "mixtral":
         from transformers import MixtralConfig
 
@@ -155,22 +211,41 @@ def hf_config(cfg: Config, shape: ModelShape, dtype: torch.dtype, special: Optio
             router_jitter_noise=0.0,
             **common,
         )
-    else:
-        from transformers import Qwen3MoeConfig
+    elif shape.architecture == "olmoe":
+        from transformers import OlmoeConfig
 
-        config = Qwen3MoeConfig(
-            intermediate_size=m.ffn_hidden_size or m.moe_ffn_hidden_size,  # dense MLP: no such layer
-            moe_intermediate_size=m.moe_ffn_hidden_size,
+        config = OlmoeConfig(
+            intermediate_size=m.moe_ffn_hidden_size,
             num_experts=m.num_moe_experts,
-            # Qwen3-MoE renormalises the top-k probabilities iff norm_topk_prob; Megatron does iff
-            # not moe_router_pre_softmax (softmax over the selected logits == renormalised top-k).
-            norm_topk_prob=not m.moe_router_pre_softmax,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
+            norm_topk_prob=norm_topk_prob,
             attention_bias=False,
-            use_sliding_window=False,
+            clip_qkv=None,
             **common,
         )
+    else:
+        from transformers import Qwen2MoeConfig, Qwen3MoeConfig
+
+        qwen = dict(
+            # The dense MLP width (Megatron ffn_hidden_size) of the mlp_only_layers.
+            intermediate_size=m.ffn_hidden_size or m.moe_ffn_hidden_size,
+            moe_intermediate_size=m.moe_ffn_hidden_size,
+            num_experts=m.num_moe_experts,
+            norm_topk_prob=norm_topk_prob,
+            # Megatron's MoE pattern, written out: HF's decoder_sparse_step counts from a different
+            # layer (MoE iff (i + 1) % step == 0), the explicit list needs no translation.
+            decoder_sparse_step=1,
+            mlp_only_layers=list(shape.dense_layers),
+            use_sliding_window=False,
+        )
+        if shape.architecture == "qwen2_moe":
+            config = Qwen2MoeConfig(
+                shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+                qkv_bias=m.add_qkv_bias,
+                **qwen,
+                **common,
+            )
+        else:
+            config = Qwen3MoeConfig(attention_bias=False, **qwen, **common)
     config.architectures = [mapping.ARCHITECTURES[shape.architecture]]
     return config
 
@@ -217,10 +292,23 @@ def _rope_theta(c, source: str) -> float:
     return float(theta)
 
 
+def hf_moe_pattern(c, arch: str) -> List[int]:
+    """1 per MoE layer, 0 per dense one, as the transformers decoder layer decides it (Qwen2/3-MoE:
+    dense iff listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0)."""
+    n = c.num_hidden_layers
+    if arch not in ("qwen2_moe", "qwen3_moe"):
+        return [1] * n
+    dense = set(getattr(c, "mlp_only_layers", None) or [])
+    step = int(getattr(c, "decoder_sparse_step", 1) or 1)
+    return [int(i not in dense and c.num_experts > 0 and (i + 1) % step == 0) for i in range(n)]
+
+
 def hf_shape(hf, arch: str) -> ModelShape:
     c = as_hf_config(hf, arch)
     heads = c.num_attention_heads
-    qwen = arch == "qwen3_moe"
+    pattern = hf_moe_pattern(c, arch)
+    dense = tuple(i for i, v in enumerate(pattern) if not v)
+    qwen = arch in ("qwen2_moe", "qwen3_moe")
     return ModelShape(
         architecture=arch,
         num_layers=c.num_hidden_layers,
@@ -228,11 +316,17 @@ def hf_shape(hf, arch: str) -> ModelShape:
         num_heads=heads,
         num_query_groups=getattr(c, "num_key_value_heads", None) or heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-        num_experts=c.num_experts if qwen else c.num_local_experts,
+        num_experts=c.num_local_experts if arch == "mixtral" else c.num_experts,
         ffn_hidden_size=c.moe_intermediate_size if qwen else c.intermediate_size,
         vocab_size=c.vocab_size,
-        qk_layernorm=qwen,
+        qk_layernorm=arch in ("qwen3_moe", "olmoe"),
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        dense_layers=dense,
+        dense_ffn_hidden_size=int(c.intermediate_size) if dense else 0,
+        shared_expert_size=int(c.shared_expert_intermediate_size) if arch == "qwen2_moe" else 0,
+        shared_expert_gate=arch == "qwen2_moe",
+        qkv_bias=arch == "qwen2_moe" and bool(c.qkv_bias),
+        qk_norm_scope="projection" if arch == "olmoe" else "head",
     )
 
 
@@ -245,13 +339,28 @@ def check_supported(hf, arch: str, source: str) -> None:
         problems.append(f"hidden_act={act} (SwiGLU experts use silu)")
     if getattr(c, "sliding_window", None) and (arch == "mixtral" or getattr(c, "use_sliding_window", False)):
         problems.append(f"sliding_window={c.sliding_window} (no sliding-window attention)")
-    if arch == "qwen3_moe":
-        if getattr(c, "attention_bias", False):
-            problems.append("attention_bias=true (the Megatron model has no linear biases)")
-        if getattr(c, "mlp_only_layers", None):
-            problems.append(f"mlp_only_layers={c.mlp_only_layers} (every layer must be MoE)")
-        if getattr(c, "decoder_sparse_step", 1) != 1:
-            problems.append(f"decoder_sparse_step={c.decoder_sparse_step} (every layer must be MoE)")
+    elif getattr(c, "use_sliding_window", False):
+        problems.append("use_sliding_window=true (no sliding-window attention)")
+    elif any(t != "full_attention" for t in getattr(c, "layer_types", None) or []):
+        problems.append(f"layer_types={c.layer_types} (full attention in every layer only)")
+    if arch in ("qwen3_moe", "olmoe") and getattr(c, "attention_bias", False):
+        problems.append("attention_bias=true (the Megatron model has q/k/v biases only with Qwen2-MoE's "
+                        "qkv_bias; no output-projection or Qwen3/OLMoE attention biases)")
+    if arch == "olmoe":
+        if getattr(c, "clip_qkv", None) is not None:
+            problems.append(f"clip_qkv={c.clip_qkv} (the Megatron attention does not clamp q/k/v)")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if head_dim * c.num_attention_heads != c.hidden_size:
+            problems.append(f"head_dim={head_dim} x {c.num_attention_heads} heads != hidden_size="
+                            f"{c.hidden_size} (OLMoE's q_norm spans hidden_size)")
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        if c.num_experts < 1 or not any(hf_moe_pattern(c, arch)):
+            problems.append(f"num_experts={c.num_experts}, mlp_only_layers={c.mlp_only_layers}, "
+                            f"decoder_sparse_step={c.decoder_sparse_step} leave no MoE layer (a dense "
+                            "model has no k to make elastic)")
+    if arch == "qwen2_moe" and not getattr(c, "shared_expert_intermediate_size", 0):
+        problems.append("shared_expert_intermediate_size=0 (Megatron's shared expert needs a width; "
+                        "an empty one is not mapped)")
     if problems:
         raise ConversionError(f"{source}: unsupported: " + "; ".join(problems))
 
@@ -302,7 +411,7 @@ def megatron_config_from_hf(
     if "moe_router_pre_softmax" in meta and bool(meta["moe_router_pre_softmax"]) != pre_softmax:
         raise ConversionError(
             f"{source}: elastic_moe.moe_router_pre_softmax={meta['moe_router_pre_softmax']} contradicts "
-            f"{'norm_topk_prob' if arch == 'qwen3_moe' else 'the Mixtral router'}; the config was edited inconsistently"
+            f"{'the Mixtral router' if arch == 'mixtral' else 'norm_topk_prob'}; the config was edited inconsistently"
         )
     elastic = elastic_section(meta, k_cfg, k_train)
     max_pos = int(getattr(hf, "max_position_embeddings", None) or 4096)
@@ -321,13 +430,19 @@ def megatron_config_from_hf(
             "normalization": "RMSNorm",
             "norm_epsilon": float(hf.rms_norm_eps),
             "qk_layernorm": shape.qk_layernorm,
+            "qk_norm_scope": shape.qk_norm_scope,
+            "add_qkv_bias": shape.qkv_bias,
             "rotary_base": _rope_theta(hf, source),
             "init_method_std": float(getattr(hf, "initializer_range", 0.02)),
             "untie_embeddings_and_output_weights": not shape.tied_embeddings,
             "num_moe_experts": shape.num_experts,
             "moe_ffn_hidden_size": shape.ffn_hidden_size,
-            # Qwen3-MoE's dense-MLP width: unused while every layer is MoE, kept for the round trip.
-            "ffn_hidden_size": int(hf.intermediate_size) if arch == "qwen3_moe" else None,
+            # Qwen2/3-MoE's dense-MLP width: the mlp_only_layers' (kept for the round trip when
+            # every layer is MoE).
+            "ffn_hidden_size": int(hf.intermediate_size) if arch in ("qwen2_moe", "qwen3_moe") else None,
+            "moe_layer_freq": 1 if not shape.dense_layers else [int(shape.is_moe(i)) for i in range(shape.num_layers)],
+            "moe_shared_expert_intermediate_size": shape.shared_expert_size or None,
+            "moe_shared_expert_gate": shape.shared_expert_gate,
             "moe_router_topk": k_train,
             "moe_router_pre_softmax": pre_softmax,
             "moe_aux_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.01)),

@@ -1,14 +1,17 @@
-"""Elastic k for transformers Mixtral / Qwen3-MoE models: choose k' after loading.
+"""Elastic k for transformers Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE models: choose k' after
+loading.
 
-In transformers (5.x) each MoE layer's router (``MixtralTopKRouter`` / ``Qwen3MoeTopKRouter``,
-the ``gate`` of the sparse block) reads ``self.top_k`` at every forward; the experts module takes
-whatever ``[tokens, k]`` selection it is handed. Setting ``top_k`` per router therefore changes
-k' per layer with no patching. What k' means follows the exported router semantics:
+In transformers (5.x) each MoE layer's router (``MixtralTopKRouter``, ``Qwen3MoeTopKRouter``,
+``Qwen2MoeTopKRouter``, ``OlmoeTopKRouter``: the ``gate`` of the sparse block) reads
+``self.top_k`` at every forward; the experts module takes whatever ``[tokens, k]`` selection it is
+handed. Setting ``top_k`` per router therefore changes k' per layer with no patching. Dense
+layers (Qwen2/3-MoE ``mlp_only_layers``) have no router and no k; Qwen2-MoE's shared expert is
+always on and is not counted in k'. What k' means follows the exported router semantics:
 
-* Mixtral, and Qwen3-MoE with ``norm_topk_prob=true``: the k' selected probabilities are
+* Mixtral, and the others with ``norm_topk_prob=true``: the k' selected probabilities are
   renormalised to sum to 1 (Megatron ``moe_router_pre_softmax=false``);
-* Qwen3-MoE with ``norm_topk_prob=false``: the raw softmax probabilities are used, so the total
-  gate weight grows with k' (Megatron ``moe_router_pre_softmax=true``).
+* Qwen3-MoE / Qwen2-MoE / OLMoE with ``norm_topk_prob=false``: the raw softmax probabilities are
+  used, so the total gate weight grows with k' (Megatron ``moe_router_pre_softmax=true``).
 
 ``load_elastic_hf`` applies the per-layer k an export recorded (``config.elastic_moe.inference_k``)
 on top of ``from_pretrained``; plain ``AutoModelForCausalLM.from_pretrained`` uses
@@ -30,7 +33,7 @@ def _decoder_layers(model: torch.nn.Module):
     if layers is None:
         raise ValueError(
             f"{type(model).__name__} has no decoder layers (model.model.layers); expected a "
-            "MixtralForCausalLM / Qwen3MoeForCausalLM or their base models"
+            "Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE causal LM or its base model"
         )
     return layers
 
@@ -56,18 +59,21 @@ def moe_routers(model: torch.nn.Module) -> List[torch.nn.Module]:
         routers.extend(found)
     if not routers:
         raise ValueError(
-            f"{type(model).__name__} has no MoE routers with a top_k attribute; is it a Mixtral or "
-            "Qwen3-MoE model loaded with transformers >= 5?"
+            f"{type(model).__name__} has no MoE routers with a top_k attribute; is it a Mixtral, "
+            "Qwen3-MoE, Qwen2-MoE or OLMoE model loaded with transformers >= 5?"
         )
     return routers
 
 
-def _sparse_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """Modules other than routers that also carry ``top_k`` (Mixtral's sparse block keeps a
-    copy); kept in sync so inspection shows the k actually used."""
+def _sparse_blocks(model: torch.nn.Module) -> List[List[torch.nn.Module]]:
+    """Per MoE layer (same order as ``moe_routers``), the modules other than its router that also
+    carry ``top_k`` (Mixtral's sparse block keeps a copy); kept in sync so inspection shows the k
+    actually used."""
     out = []
     for layer in _decoder_layers(model):
-        out.extend(m for m in layer.modules() if isinstance(getattr(m, "top_k", None), int) and not _is_router(m))
+        if any(_is_router(m) for m in layer.modules()):
+            out.append([m for m in layer.modules()
+                        if isinstance(getattr(m, "top_k", None), int) and not _is_router(m)])
     return out
 
 
@@ -94,14 +100,16 @@ def set_hf_inference_k(model: torch.nn.Module, k: KSpec = None) -> List[int]:
     else:
         ks = [int(v) for v in k]
         if len(ks) != len(routers):
-            raise ValueError(f"per-layer k lists {len(ks)} values but the model has {len(routers)} MoE layers")
+            raise ValueError(f"per-layer k lists {len(ks)} values but the model has {len(routers)} MoE layers "
+                             "(one k per MoE layer in depth order; dense layers have none)")
     for layer, (router, k_l) in enumerate(zip(routers, ks)):
         if not 1 <= k_l <= router.num_experts:
             raise ValueError(f"k'={k_l} for MoE layer {layer} must lie in [1, {router.num_experts}]")
     for router, k_l in zip(routers, ks):
         router.top_k = k_l
-    for block, k_l in zip(_sparse_blocks(model), ks):
-        block.top_k = k_l
+    for blocks, k_l in zip(_sparse_blocks(model), ks):
+        for block in blocks:
+            block.top_k = k_l
     if config is not None and k is not None:
         meta = dict(getattr(config, "elastic_moe", None) or {})
         if isinstance(k, int):

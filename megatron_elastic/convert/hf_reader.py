@@ -174,7 +174,7 @@ class HFReadPlan:
         expected = mapping.hf_expected_shapes(shape)
         expert_names = set()
         h, ffn, E = shape.hidden_size, shape.ffn_hidden_size, shape.num_experts
-        for i in range(shape.num_layers):
+        for i in shape.moe_layers:
             for prefix in {f"model.layers.{i}.mlp.", mapping.hf_moe_prefix(arch, i)}:
                 gu, down = prefix + "experts.gate_up_proj", prefix + "experts.down_proj"
                 if gu in present and down in present:
@@ -219,8 +219,9 @@ class HFReadPlan:
             more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
             raise ConversionError(
                 f"{weights.dir} has tensor(s) the {mapping.ARCHITECTURES[arch]} mapping does not "
-                f"convert: {', '.join(unexpected[:5])}{more}; converting would drop them (a different "
-                "architecture, e.g. shared experts or biases?)"
+                f"convert: {', '.join(unexpected[:5])}{more}; converting would drop them (config.json "
+                "describes a different architecture than the weights: shared experts, biases, dense "
+                "layers?)"
             )
         self._fused_cache: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
 

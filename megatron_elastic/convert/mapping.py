@@ -1,4 +1,5 @@
-"""Names, shapes and layouts: Megatron-core MoE GPT <-> Hugging Face Mixtral / Qwen3-MoE.
+"""Names, shapes and layouts: Megatron-core MoE GPT <-> Hugging Face Mixtral / Qwen3-MoE /
+Qwen2-MoE / OLMoE.
 
 Per transformer layer ``i`` (``I`` = moe_ffn_hidden_size, ``E`` = experts, ``np``/``ng`` = query
 heads / query groups, ``hn`` = head dim, ``h`` = hidden size):
@@ -10,20 +11,28 @@ embedding.word_embeddings.weight [V, h]            model.embed_tokens.weight
 decoder.layers.i.input_layernorm.weight            model.layers.i.input_layernorm.weight
 decoder.layers.i.self_attention.linear_qkv.weight  self_attn.{q,k,v}_proj.weight (split, below)
 decoder.layers.i.self_attention.linear_proj.weight self_attn.o_proj.weight
-decoder.layers.i.self_attention.{q,k}_layernorm    self_attn.{q,k}_norm.weight (Qwen3-MoE only)
+decoder.layers.i.self_attention.linear_qkv.bias    self_attn.{q,k,v}_proj.bias (Qwen2-MoE)
+decoder.layers.i.self_attention.{q,k}_layernorm    self_attn.{q,k}_norm.weight (Qwen3-MoE: [hn];
+                                                   OLMoE: [np*hn] / [ng*hn], whole projection)
 decoder.layers.i.pre_mlp_layernorm.weight          model.layers.i.post_attention_layernorm.weight
 decoder.layers.i.mlp.router.weight [E, h]          {moe}.gate.weight
 ...local_experts.j.linear_fc1.weight [2I, h]       rows [0, I): gate (w1 / gate_proj);
                                                    rows [I, 2I): up (w3 / up_proj)
 ...local_experts.j.linear_fc2.weight [h, I]        down (w2 / down_proj)
+...mlp.shared_experts.linear_fc1.weight [2S, h]    {moe}.shared_expert.{gate,up}_proj (Qwen2-MoE)
+...mlp.shared_experts.linear_fc2.weight [h, S]     {moe}.shared_expert.down_proj
+...mlp.shared_experts.gate_weight [1, h]           {moe}.shared_expert_gate.weight
+dense layer: mlp.linear_fc1.weight [2F, h]         mlp.{gate,up}_proj.weight (Qwen2/3-MoE
+dense layer: mlp.linear_fc2.weight [h, F]          mlp.down_proj.weight       mlp_only_layers)
 decoder.final_layernorm.weight                     model.norm.weight
 output_layer.weight [V, h]                         lm_head.weight (absent when tied)
 ================================================  ==========================================
 
-``{moe}`` is ``model.layers.i.block_sparse_moe`` (Mixtral) or ``model.layers.i.mlp`` (Qwen3-MoE);
-expert ``j`` lives under ``{moe}.experts.j``. The [gate; up] order is Megatron's SwiGLU
+``{moe}`` is ``model.layers.i.block_sparse_moe`` (Mixtral) or ``model.layers.i.mlp`` (the
+others); expert ``j`` lives under ``{moe}.experts.j``. The [gate; up] order is Megatron's SwiGLU
 convention (``glu`` chunks fc1's output in two and applies the activation to the first half),
-which is also what transformers 5 fuses into ``gate_up_proj``.
+which is also what transformers 5 fuses into ``gate_up_proj``; shared experts and dense MLPs use
+it too. The q/k/v bias is laid out like the weight's rows (``split_qkv`` handles both).
 
 QKV: Megatron stores one matrix per layer, grouped by query group: for each of the ``ng`` groups,
 ``np/ng`` query heads, then that group's key head, then its value head, each ``hn`` rows. Hugging
@@ -46,14 +55,16 @@ import torch
 
 from megatron_elastic.convert import MissingTensorError, ShapeMismatchError, UnknownArchitectureError
 
-# Our names for the two supported architectures -> the transformers class written to config.json.
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# Our names for the supported architectures (= transformers' model_type) -> the transformers class
+# written to config.json.
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 HF_CLASS_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
-MODEL_TYPE_TO_ARCH = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
+MODEL_TYPE_TO_ARCH = {name: name for name in ARCHITECTURES}
 
 
 def architecture_from_hf_config(config: dict, source: str = "config.json") -> str:
-    """'mixtral', 'qwen3_moe' or 'deepseek_v3' from a config.json dict; UnknownArchitectureError
+    """One of ``ARCHITECTURES`` or 'deepseek_v3' from a config.json dict; UnknownArchitectureError
     otherwise."""
     archs = config.get("architectures") or []
     if "DeepseekV3ForCausalLM" in archs or (not archs and config.get("model_type") == "deepseek_v3"):
@@ -67,7 +78,8 @@ def architecture_from_hf_config(config: dict, source: str = "config.json") -> st
     found = ", ".join(archs) if archs else f"model_type={model_type!r}"
     raise UnknownArchitectureError(
         f"{source}: unknown architecture {found}; this converter maps "
-        f"{', '.join(sorted(HF_CLASS_TO_ARCH))}, DeepseekV3ForCausalLM (model_type mixtral / qwen3_moe / deepseek_v3)"
+        f"{', '.join(sorted(HF_CLASS_TO_ARCH))}, DeepseekV3ForCausalLM (model_type "
+        f"{' / '.join(ARCHITECTURES)} / deepseek_v3)"
     )
 
 
@@ -86,6 +98,26 @@ class ModelShape:
     vocab_size: int  # rows of the embedding (Megatron's padded vocabulary)
     qk_layernorm: bool
     tied_embeddings: bool
+    # Global indices of dense (non-MoE) layers and their SwiGLU width.
+    dense_layers: Tuple[int, ...] = ()
+    dense_ffn_hidden_size: int = 0
+    shared_expert_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False
+    qkv_bias: bool = False
+    qk_norm_scope: str = "head"  # head | projection (whole q / k projection, OLMoE)
+
+    def is_moe(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> List[int]:
+        return [i for i in range(self.num_layers) if self.is_moe(i)]
+
+    def qk_norm_sizes(self) -> Tuple[int, int]:
+        """(q_norm, k_norm) weight lengths."""
+        if self.qk_norm_scope == "projection":
+            return self.num_heads * self.head_dim, self.num_query_groups * self.head_dim
+        return self.head_dim, self.head_dim
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -108,28 +140,31 @@ class ModelShape:
 
 # ---------------------------------------------------------------------------------- QKV layout
 def split_qkv(qkv: torch.Tensor, shape: ModelShape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron's grouped ``linear_qkv.weight`` -> contiguous (q, k, v) in Hugging Face order."""
+    """Megatron's grouped ``linear_qkv.weight`` (or its 1-D bias) -> contiguous (q, k, v) in
+    Hugging Face order."""
     ng, per, hn = shape.num_query_groups, shape.heads_per_group, shape.head_dim
-    if tuple(qkv.shape) != (shape.qkv_rows, shape.hidden_size):
+    cols = tuple(qkv.shape[1:])
+    if tuple(qkv.shape) not in ((shape.qkv_rows, shape.hidden_size), (shape.qkv_rows,)):
         raise ShapeMismatchError(
-            f"linear_qkv.weight has shape {tuple(qkv.shape)}, expected "
-            f"{(shape.qkv_rows, shape.hidden_size)} for {shape.num_heads} heads, "
-            f"{ng} query groups, head dim {hn}"
+            f"linear_qkv has shape {tuple(qkv.shape)}, expected "
+            f"{(shape.qkv_rows, shape.hidden_size)} (or {(shape.qkv_rows,)} for the bias) for "
+            f"{shape.num_heads} heads, {ng} query groups, head dim {hn}"
         )
-    grouped = qkv.reshape(ng, per + 2, hn, shape.hidden_size)
-    q = grouped[:, :per].reshape(ng * per * hn, shape.hidden_size).contiguous()
-    k = grouped[:, per].reshape(ng * hn, shape.hidden_size).contiguous()
-    v = grouped[:, per + 1].reshape(ng * hn, shape.hidden_size).contiguous()
+    grouped = qkv.reshape(ng, per + 2, hn, *cols)
+    q = grouped[:, :per].reshape(ng * per * hn, *cols).contiguous()
+    k = grouped[:, per].reshape(ng * hn, *cols).contiguous()
+    v = grouped[:, per + 1].reshape(ng * hn, *cols).contiguous()
     return q, k, v
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: ModelShape) -> torch.Tensor:
-    """Inverse of ``split_qkv``."""
-    ng, per, hn, h = shape.num_query_groups, shape.heads_per_group, shape.head_dim, shape.hidden_size
+    """Inverse of ``split_qkv`` (weights or biases)."""
+    ng, per, hn = shape.num_query_groups, shape.heads_per_group, shape.head_dim
+    cols = tuple(q.shape[1:])
     grouped = torch.cat(
-        [q.reshape(ng, per, hn, h), k.reshape(ng, 1, hn, h), v.reshape(ng, 1, hn, h)], dim=1
+        [q.reshape(ng, per, hn, *cols), k.reshape(ng, 1, hn, *cols), v.reshape(ng, 1, hn, *cols)], dim=1
     )
-    return grouped.reshape(shape.qkv_rows, h).contiguous()
+    return grouped.reshape(shape.qkv_rows, *cols).contiguous()
 
 
 # ------------------------------------------------------------------------- Megatron side
@@ -149,23 +184,42 @@ class MegatronTensor:
     part: Optional[str] = None
 
 
-def _layer_suffixes(shape: ModelShape) -> List[Tuple[str, Tuple[int, ...]]]:
+def _layer_suffixes(shape: ModelShape, layer: int) -> List[Tuple[str, Tuple[int, ...]]]:
+    """Layer ``layer``'s tensors that are neither experts nor fused [gate; up] MLP weights."""
     h = shape.hidden_size
     out = [
         ("input_layernorm.weight", (h,)),
         ("self_attention.linear_qkv.weight", (shape.qkv_rows, h)),
         ("self_attention.linear_proj.weight", (h, shape.num_heads * shape.head_dim)),
     ]
+    if shape.qkv_bias:
+        out.append(("self_attention.linear_qkv.bias", (shape.qkv_rows,)))
     if shape.qk_layernorm:
+        q_size, k_size = shape.qk_norm_sizes()
         out += [
-            ("self_attention.q_layernorm.weight", (shape.head_dim,)),
-            ("self_attention.k_layernorm.weight", (shape.head_dim,)),
+            ("self_attention.q_layernorm.weight", (q_size,)),
+            ("self_attention.k_layernorm.weight", (k_size,)),
         ]
-    out += [
-        ("pre_mlp_layernorm.weight", (h,)),
-        ("mlp.router.weight", (shape.num_experts, h)),
-    ]
+    out.append(("pre_mlp_layernorm.weight", (h,)))
+    if shape.is_moe(layer):
+        out.append(("mlp.router.weight", (shape.num_experts, h)))
+        if shape.shared_expert_size:
+            out.append(("mlp.shared_experts.linear_fc2.weight", (h, shape.shared_expert_size)))
+            if shape.shared_expert_gate:
+                out.append(("mlp.shared_experts.gate_weight", (1, h)))
+    else:
+        out.append(("mlp.linear_fc2.weight", (h, shape.dense_ffn_hidden_size)))
     return out
+
+
+def _fused_mlp(shape: ModelShape, layer: int) -> Optional[Tuple[str, int]]:
+    """(``linear_fc1`` suffix, rows per half) of the layer's non-expert SwiGLU: the shared expert
+    of an MoE layer or the MLP of a dense layer; None when there is neither."""
+    if not shape.is_moe(layer):
+        return "mlp.linear_fc1.weight", shape.dense_ffn_hidden_size
+    if shape.shared_expert_size:
+        return "mlp.shared_experts.linear_fc1.weight", shape.shared_expert_size
+    return None
 
 
 def expert_name(layer: int, expert: int, fc: int) -> str:
@@ -173,12 +227,18 @@ def expert_name(layer: int, expert: int, fc: int) -> str:
 
 
 def megatron_layer_tensors(shape: ModelShape, layer: int) -> List[MegatronTensor]:
-    """What the exporter reads for layer ``layer``: attention, norms, router, every expert."""
-    tensors = [
-        MegatronTensor(f"decoder.layers.{layer}.{suffix}", shp, layer=layer)
-        for suffix, shp in _layer_suffixes(shape)
-    ]
-    h, ffn = shape.hidden_size, shape.ffn_hidden_size
+    """What the exporter reads for layer ``layer``: attention, norms, then the router and every
+    expert (plus the shared expert) of an MoE layer, or the MLP of a dense one."""
+    p = f"decoder.layers.{layer}."
+    tensors = [MegatronTensor(p + suffix, shp, layer=layer) for suffix, shp in _layer_suffixes(shape, layer)]
+    h = shape.hidden_size
+    fused = _fused_mlp(shape, layer)
+    if fused is not None:
+        suffix, rows = fused
+        tensors += [MegatronTensor(f"{p}{suffix}[{part}]", (rows, h), layer, part=part) for part in ("gate", "up")]
+    if not shape.is_moe(layer):
+        return tensors
+    ffn = shape.ffn_hidden_size
     for j in range(shape.num_experts):
         fc1 = expert_name(layer, j, 1)
         tensors.append(MegatronTensor(f"{fc1}[gate]", (ffn, h), layer, j, 1, "gate"))
@@ -203,11 +263,15 @@ def megatron_param_shapes(shape: ModelShape) -> Dict[str, Tuple[int, ...]]:
     out = {t.name: t.shape for t in megatron_embedding_tensors(shape)}
     h, ffn = shape.hidden_size, shape.ffn_hidden_size
     for i in range(shape.num_layers):
-        for suffix, shp in _layer_suffixes(shape):
+        for suffix, shp in _layer_suffixes(shape, i):
             out[f"decoder.layers.{i}.{suffix}"] = shp
-        for j in range(shape.num_experts):
-            out[expert_name(i, j, 1)] = (2 * ffn, h)
-            out[expert_name(i, j, 2)] = (h, ffn)
+        fused = _fused_mlp(shape, i)
+        if fused is not None:
+            out[f"decoder.layers.{i}.{fused[0]}"] = (2 * fused[1], h)
+        if shape.is_moe(i):
+            for j in range(shape.num_experts):
+                out[expert_name(i, j, 1)] = (2 * ffn, h)
+                out[expert_name(i, j, 2)] = (h, ffn)
     out.update({t.name: t.shape for t in megatron_final_tensors(shape)})
     return out
 
@@ -286,10 +350,15 @@ def checkpoint_key_candidates(t: MegatronTensor, shape: ModelShape) -> List[Cand
         if t.layer is None:
             return [Candidate(t.name, full_shape=t.shape)]
         suffix = t.name.split(f"decoder.layers.{t.layer}.", 1)[1]
+        full_shape, offset = t.shape, 0
+        if t.part is not None:  # one half of a shared-expert / dense [gate; up] fc1
+            suffix = suffix[: -len(f"[{t.part}]")]
+            full_shape = (2 * t.shape[0],) + t.shape[1:]
+            offset = t.shape[0] if t.part == "up" else 0
         out = []
         for alias in _LAYER_ALIASES.get(suffix, (suffix,)):
             for prefix, index, axes in prefixes:
-                out.append(Candidate(prefix + alias, index, axes, t.shape))
+                out.append(Candidate(prefix + alias, index, axes, full_shape, offset))
         return out
     j, w = t.expert, f"linear_fc{t.fc}.weight"
     ffn = shape.ffn_hidden_size
@@ -365,7 +434,9 @@ def hf_expert_names(arch: str, layer: int, expert: int) -> Tuple[str, str, str]:
     return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 
 
-def hf_layer_names(arch: str, layer: int, qk_layernorm: bool) -> Dict[str, str]:
+def hf_layer_names(shape: ModelShape, layer: int) -> Dict[str, str]:
+    """Hub names of layer ``layer``'s tensors other than the routed experts, by role."""
+    arch = shape.architecture
     p = f"model.layers.{layer}."
     names = {
         "input_layernorm": p + "input_layernorm.weight",
@@ -374,29 +445,73 @@ def hf_layer_names(arch: str, layer: int, qk_layernorm: bool) -> Dict[str, str]:
         "v": p + "self_attn.v_proj.weight",
         "o": p + "self_attn.o_proj.weight",
         "post_attention_layernorm": p + "post_attention_layernorm.weight",
-        "router": hf_moe_prefix(arch, layer) + "gate.weight",
     }
-    if qk_layernorm:
+    if shape.qkv_bias:
+        names.update(q_bias=p + "self_attn.q_proj.bias", k_bias=p + "self_attn.k_proj.bias",
+                     v_bias=p + "self_attn.v_proj.bias")
+    if shape.qk_layernorm:
         names["q_norm"] = p + "self_attn.q_norm.weight"
         names["k_norm"] = p + "self_attn.k_norm.weight"
+    if shape.is_moe(layer):
+        moe = hf_moe_prefix(arch, layer)
+        names["router"] = moe + "gate.weight"
+        if shape.shared_expert_size:
+            names.update(mlp_gate=moe + "shared_expert.gate_proj.weight", mlp_up=moe + "shared_expert.up_proj.weight",
+                         mlp_down=moe + "shared_expert.down_proj.weight")
+            if shape.shared_expert_gate:
+                names["shared_gate"] = moe + "shared_expert_gate.weight"
+    else:
+        names.update(mlp_gate=p + "mlp.gate_proj.weight", mlp_up=p + "mlp.up_proj.weight",
+                     mlp_down=p + "mlp.down_proj.weight")
     return names
+
+
+# Megatron suffix (after ``decoder.layers.i.``) <-> hub role in ``hf_layer_names``, for the tensors
+# copied as they are.
+_DIRECT = (
+    ("input_layernorm.weight", "input_layernorm"),
+    ("self_attention.linear_proj.weight", "o"),
+    ("self_attention.q_layernorm.weight", "q_norm"),
+    ("self_attention.k_layernorm.weight", "k_norm"),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm"),
+    ("mlp.router.weight", "router"),
+    ("mlp.shared_experts.gate_weight", "shared_gate"),
+)
+
+
+def _fused_mlp_suffixes(shape: ModelShape, layer: int) -> Optional[Tuple[str, str]]:
+    """Megatron (fc1, fc2) suffixes of the layer's shared expert or dense MLP."""
+    fused = _fused_mlp(shape, layer)
+    if fused is None:
+        return None
+    return fused[0], fused[0].replace("linear_fc1", "linear_fc2")
 
 
 def hf_expected_shapes(shape: ModelShape) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the hub-format checkpoint with its shape, in writing order."""
     h, hn, ffn = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
     out = {"model.embed_tokens.weight": (shape.vocab_size, h)}
+    q_rows, kv_rows = shape.num_heads * hn, shape.num_query_groups * hn
     for i in range(shape.num_layers):
-        n = hf_layer_names(shape.architecture, i, shape.qk_layernorm)
+        n = hf_layer_names(shape, i)
         out[n["input_layernorm"]] = (h,)
-        out[n["q"]] = (shape.num_heads * hn, h)
-        out[n["k"]] = (shape.num_query_groups * hn, h)
-        out[n["v"]] = (shape.num_query_groups * hn, h)
-        out[n["o"]] = (h, shape.num_heads * hn)
+        out[n["q"]] = (q_rows, h)
+        out[n["k"]] = (kv_rows, h)
+        out[n["v"]] = (kv_rows, h)
+        if shape.qkv_bias:
+            out[n["q_bias"]], out[n["k_bias"]], out[n["v_bias"]] = (q_rows,), (kv_rows,), (kv_rows,)
+        out[n["o"]] = (h, q_rows)
         if shape.qk_layernorm:
-            out[n["q_norm"]] = (hn,)
-            out[n["k_norm"]] = (hn,)
+            out[n["q_norm"]], out[n["k_norm"]] = ((size,) for size in shape.qk_norm_sizes())
         out[n["post_attention_layernorm"]] = (h,)
+        fused = _fused_mlp(shape, i)
+        if fused is not None:
+            rows = fused[1]
+            out[n["mlp_gate"]], out[n["mlp_up"]], out[n["mlp_down"]] = (rows, h), (rows, h), (h, rows)
+        if "shared_gate" in n:
+            out[n["shared_gate"]] = (1, h)
+        if not shape.is_moe(i):
+            continue
         out[n["router"]] = (shape.num_experts, h)
         for j in range(shape.num_experts):
             gate, up, down = hf_expert_names(shape.architecture, i, j)
@@ -427,18 +542,25 @@ def megatron_to_hf_tensors(
     layers = sorted({int(m.group(1)) for n in loaded if (m := re.match(r"decoder\.layers\.(\d+)\.", n))})
     for i in layers:
         p = f"decoder.layers.{i}."
-        n = hf_layer_names(arch, i, shape.qk_layernorm)
-        yield n["input_layernorm"], loaded.pop(p + "input_layernorm.weight")
+        n = hf_layer_names(shape, i)
         q, k, v = split_qkv(loaded.pop(p + "self_attention.linear_qkv.weight"), shape)
         yield n["q"], q
         yield n["k"], k
         yield n["v"], v
-        yield n["o"], loaded.pop(p + "self_attention.linear_proj.weight")
-        if shape.qk_layernorm:
-            yield n["q_norm"], loaded.pop(p + "self_attention.q_layernorm.weight")
-            yield n["k_norm"], loaded.pop(p + "self_attention.k_layernorm.weight")
-        yield n["post_attention_layernorm"], loaded.pop(p + "pre_mlp_layernorm.weight")
-        yield n["router"], loaded.pop(p + "mlp.router.weight")
+        if shape.qkv_bias:
+            for role, t in zip(("q_bias", "k_bias", "v_bias"),
+                               split_qkv(loaded.pop(p + "self_attention.linear_qkv.bias"), shape)):
+                yield n[role], t
+        for suffix, role in _DIRECT:
+            if role in n:
+                yield n[role], loaded.pop(p + suffix)
+        fused = _fused_mlp_suffixes(shape, i)
+        if fused is not None:
+            yield n["mlp_gate"], loaded.pop(f"{p}{fused[0]}[gate]")
+            yield n["mlp_up"], loaded.pop(f"{p}{fused[0]}[up]")
+            yield n["mlp_down"], loaded.pop(p + fused[1])
+        if not shape.is_moe(i):
+            continue
         for j in range(shape.num_experts):
             gate, up, down = hf_expert_names(arch, i, j)
             fc1 = expert_name(i, j, 1)
@@ -460,22 +582,24 @@ def hf_to_megatron_layer(
     ``get(name)`` returns a hub tensor; ``get_expert(layer, j)`` returns (gate, up, down) of one
     expert, wherever the source stores it (per-expert hub tensors or transformers-5 fused ones).
     """
-    n = hf_layer_names(shape.architecture, layer, shape.qk_layernorm)
+    n = hf_layer_names(shape, layer)
     p = f"decoder.layers.{layer}."
-    out = {
-        p + "input_layernorm.weight": get(n["input_layernorm"]),
-        p + "self_attention.linear_qkv.weight": merge_qkv(get(n["q"]), get(n["k"]), get(n["v"]), shape),
-        p + "self_attention.linear_proj.weight": get(n["o"]),
-        p + "pre_mlp_layernorm.weight": get(n["post_attention_layernorm"]),
-        p + "mlp.router.weight": get(n["router"]),
-    }
-    if shape.qk_layernorm:
-        out[p + "self_attention.q_layernorm.weight"] = get(n["q_norm"])
-        out[p + "self_attention.k_layernorm.weight"] = get(n["k_norm"])
-    for j in range(shape.num_experts):
-        gate, up, down = get_expert(layer, j)
-        out[expert_name(layer, j, 1)] = torch.cat([gate, up], dim=0)
-        out[expert_name(layer, j, 2)] = down
+    out = {p + "self_attention.linear_qkv.weight": merge_qkv(get(n["q"]), get(n["k"]), get(n["v"]), shape)}
+    if shape.qkv_bias:
+        out[p + "self_attention.linear_qkv.bias"] = merge_qkv(get(n["q_bias"]), get(n["k_bias"]),
+                                                              get(n["v_bias"]), shape)
+    for suffix, role in _DIRECT:
+        if role in n:
+            out[p + suffix] = get(n[role])
+    fused = _fused_mlp_suffixes(shape, layer)
+    if fused is not None:
+        out[p + fused[0]] = torch.cat([get(n["mlp_gate"]), get(n["mlp_up"])], dim=0)
+        out[p + fused[1]] = get(n["mlp_down"])
+    if shape.is_moe(layer):
+        for j in range(shape.num_experts):
+            gate, up, down = get_expert(layer, j)
+            out[expert_name(layer, j, 1)] = torch.cat([gate, up], dim=0)
+            out[expert_name(layer, j, 2)] = down
     return out
 
 

@@ -1,5 +1,5 @@
-"""Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE directory
-(multi-latent-attention checkpoints are handed to ``deepseek_v3_io``).
+"""Megatron-core distributed checkpoint -> Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE
+directory (multi-latent-attention checkpoints are handed to ``deepseek_v3_io``).
 
 The export, one group of tensors at a time: ``megatron_checkpoint`` locates and verifies the
 checkpoint, recovers its run config and reads each group's slices (DCP, no process group);
@@ -199,7 +199,8 @@ def preload() -> None:
                  "megatron_elastic.training.checkpoint"):
         importlib.import_module(name)
     transformers = importlib.import_module("transformers")
-    for name in ("GenerationConfig", "MixtralConfig", "PreTrainedTokenizerFast", "Qwen3MoeConfig"):
+    for name in ("GenerationConfig", "MixtralConfig", "PreTrainedTokenizerFast", "Qwen3MoeConfig",
+                 "Qwen2MoeConfig", "OlmoeConfig"):
         getattr(transformers, name)  # transformers imports its classes lazily, on first access
 
 
@@ -244,8 +245,9 @@ def convert_megatron_to_hf(
 ) -> ExportResult:
     """Export the checkpoint at ``load`` (run root or ``iter_N`` dir) to ``output``.
 
-    ``architecture``: None/'auto' (DeepSeek-V3 with multi-latent attention, else Qwen3-MoE with
-    QK-norm, Mixtral without), 'mixtral', 'qwen3_moe' or 'deepseek_v3'. ``dtype``: None/'auto' keeps the stored dtype. ``tokenizer_model``: None uses the
+    ``architecture``: None/'auto' (DeepSeek-V3 with multi-latent attention, OLMoE with
+    projection-wide QK-norm, Qwen2-MoE with a shared expert, Qwen3-MoE with per-head QK-norm, else
+    Mixtral) or one of those by name. ``dtype``: None/'auto' keeps the stored dtype. ``tokenizer_model``: None uses the
     checkpoint config's tokenizer (sentencepiece model or Hugging Face directory), a path
     overrides it, False skips the tokenizer.
     ``config``: describes a checkpoint that does not record its own. ``fallback_to_last_good``:
@@ -258,10 +260,12 @@ def convert_megatron_to_hf(
     if inference_k is not None:
         m = cfg.model
         ks = [int(k) for k in inference_k]
-        if len(ks) != m.num_layers or not all(1 <= k <= m.num_moe_experts for k in ks):
+        moe_layers = m.moe_layers
+        if len(ks) != len(moe_layers) or not all(1 <= k <= m.num_moe_experts for k in ks):
             raise ConversionError(
-                f"--inference-k {','.join(map(str, ks))}: give one k per MoE layer ({m.num_layers}), "
-                f"each in [1, num_moe_experts={m.num_moe_experts}]")
+                f"--inference-k {','.join(map(str, ks))}: give one k per MoE layer ({len(moe_layers)}: "
+                f"layers {moe_layers} in depth order; dense layers have none), each in "
+                f"[1, num_moe_experts={m.num_moe_experts}]")
         cfg.elastic.eval_k = ks
     if cfg.model.multi_latent_attention:  # DeepSeek-V3: its own module (convert/deepseek_v3_io.py)
         if architecture not in (None, "auto", "deepseek_v3"):

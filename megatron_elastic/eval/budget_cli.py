@@ -57,7 +57,7 @@ def search_budgets(model, cfg, calib, held_out, targets: List[float], k_hi: int,
     from megatron_elastic.moe.control import set_inference_k
     from megatron_elastic.training.flops import forward_flops_per_token
 
-    n = cfg.model.num_layers
+    n = len(cfg.model.moe_layers)  # budgets: one k per MoE layer
     held_out_cache = {tuple([k] * n): v for k, v in (known_held_out or {}).items()}
 
     def flops(budget: List[float]) -> float:

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     budgets = parse_budgets(args.budgets)
     top_ps = parse_top_ps(args.top_p)
     def check_request(cfg) -> None:
-        check_settings(ks if ks is not None else default_ks(cfg), budgets, top_ps, cfg.model.num_layers,
+        check_settings(ks if ks is not None else default_ks(cfg), budgets, top_ps, len(cfg.model.moe_layers),
                        cfg.model.num_moe_experts)
 
     cfg, env, tokenizer, model, ckpt_dir, common_iteration = load_for_eval(

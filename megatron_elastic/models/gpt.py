@@ -1,9 +1,11 @@
 """Mixtral-style MoE GPT on Megatron-core's ``GPTModel``.
 
-RMSNorm, SwiGLU experts, RoPE, grouped-query attention, no linear biases, untied embeddings,
-optional QK-norm (Qwen3-MoE style), or multi-latent attention (DeepSeek-V2/V3, Megatron-core's
-``MLASelfAttention``) with sigmoid routing, expert bias and group-limited top-k. Every
-transformer layer is an MoE layer.
+RMSNorm, SwiGLU experts, RoPE, grouped-query attention, untied embeddings. Options: QK-norm per
+head (Qwen3-MoE) or over the whole q / k projection (OLMoE), q/k/v biases (Qwen2-MoE), an
+always-on shared expert with a sigmoid gate (Qwen2-MoE), dense SwiGLU layers mixed in
+(``model.moe_layer_freq``, Megatron's name; ``layer_specs`` returns one spec per global layer),
+and multi-latent attention (DeepSeek-V2/V3, Megatron-core's ``MLASelfAttention``) with sigmoid
+routing, expert bias and group-limited top-k.
 
 The layer spec is Megatron-core's own (Transformer Engine spec when TE is importable and CUDA is
 present, else the local spec) with two substitutions made through the spec, never by editing
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megatron_elastic.config import Config
 from megatron_elastic.device import policy
 from megatron_elastic.models.attention import SDPAttention
-from megatron_elastic.models.norm import SequenceParallelTorchNorm
+from megatron_elastic.models.norm import ProjectionRMSNorm, SequenceParallelTorchNorm
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -58,7 +60,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         layernorm_epsilon=m.norm_epsilon,
         qk_layernorm=m.qk_layernorm,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.add_qkv_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
         bias_activation_fusion=False,
@@ -77,6 +79,10 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         num_moe_experts=m.num_moe_experts,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        # 1 keeps Megatron's homogeneous-layer checkpoint format; a mixed pattern goes as its list.
+        moe_layer_freq=1 if all(m.moe_layer_pattern) else m.moe_layer_pattern,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
         moe_router_topk=cfg.buffer_k,
         moe_router_score_function=m.moe_router_score_function,
         moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
@@ -116,25 +122,28 @@ def _mla_fields(cfg: Config) -> dict:
                 rotary_base=m.rotary_base)
 
 
-def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False) -> ModuleSpec:
-    """``stock_moe`` keeps Megatron-core's own MoELayer + TopKRouter (the baseline that
-    benchmarks and equivalence tests compare the elastic modules against)."""
+def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False,
+               moe: bool = True) -> ModuleSpec:
+    """One transformer layer: MoE (``moe``) or dense SwiGLU MLP. ``stock_moe`` keeps
+    Megatron-core's own MoELayer + TopKRouter (the baseline that benchmarks and equivalence tests
+    compare the elastic modules against)."""
     from megatron_elastic.moe.layer import ElasticMoELayer
     from megatron_elastic.moe.router import ElasticRouter
 
     m = cfg.model
     use_te = policy().use_te_spec if use_te is None else use_te
+    num_experts = m.num_moe_experts if moe else None
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=m.num_moe_experts,
-            moe_grouped_gemm=m.moe_grouped_gemm,
+            num_experts=num_experts,
+            moe_grouped_gemm=m.moe_grouped_gemm and moe,
             qk_layernorm=m.qk_layernorm,
             multi_latent_attention=m.multi_latent_attention,
         )
     else:
         spec = get_gpt_layer_local_spec(
-            num_experts=m.num_moe_experts,
-            moe_grouped_gemm=m.moe_grouped_gemm,
+            num_experts=num_experts,
+            moe_grouped_gemm=m.moe_grouped_gemm and moe,
             qk_layernorm=m.qk_layernorm,
             multi_latent_attention=m.multi_latent_attention,
             normalization=m.normalization,
@@ -151,24 +160,35 @@ def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = Fal
                 "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
             }
     spec = copy.deepcopy(spec)
-    if not stock_moe:
-        moe = spec.submodules.mlp
-        moe.module = ElasticMoELayer
-        moe.submodules.router = ElasticRouter
+    if m.qk_layernorm and m.qk_norm_scope == "projection":
+        attn = spec.submodules.self_attention.submodules
+        attn.q_layernorm = ModuleSpec(module=ProjectionRMSNorm, params={"heads": "query"})
+        attn.k_layernorm = ModuleSpec(module=ProjectionRMSNorm, params={"heads": "key"})
+    if moe and not stock_moe:
+        moe_spec = spec.submodules.mlp
+        moe_spec.module = ElasticMoELayer
+        moe_spec.submodules.router = ElasticRouter
     return spec
 
 
+def layer_specs(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False) -> List[ModuleSpec]:
+    """The spec of every global layer, in depth order (MoE where ``model.moe_layer_pattern`` has
+    a 1, dense elsewhere); a pipeline stage builds its slice of this list."""
+    pattern = cfg.model.moe_layer_pattern
+    specs = {kind: layer_spec(cfg, use_te, stock_moe, moe=bool(kind)) for kind in set(pattern)}
+    return [specs[kind] for kind in pattern]
+
+
 def block_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False):
-    """The layer spec for every layer plus the final norm: on the local spec Megatron would pick
-    its torch-norm wrapper for the final norm, which refuses sequence parallelism."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    """Every layer's spec plus the final norm: on the local spec Megatron would pick its
+    torch-norm wrapper for the final norm, which refuses sequence parallelism."""
+    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 
     use_te = policy().use_te_spec if use_te is None else use_te
-    spec = layer_spec(cfg, use_te, stock_moe)
-    if use_te:
-        return spec
+    # With TE, Megatron's own choice for a plain layer spec (LayerNormImpl, i.e. TENorm).
     return TransformerBlockSubmodules(
-        layer_specs=[spec] * cfg.model.num_layers, layer_norm=SequenceParallelTorchNorm
+        layer_specs=layer_specs(cfg, use_te, stock_moe),
+        layer_norm=LayerNormImpl if use_te else SequenceParallelTorchNorm,
     )
 
 

@@ -1,4 +1,5 @@
-"""A torch norm that supports sequence parallelism, for the local (non-Transformer-Engine) spec.
+"""Torch norms for the layer specs: one that supports sequence parallelism (local, non-Transformer-
+Engine spec) and a QK-norm over the whole q / k projection (``ProjectionRMSNorm``, below).
 
 Megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel`` because, under sequence
 parallelism, each tensor-parallel rank normalises a different slice of the sequence, so the norm
@@ -28,3 +29,28 @@ class SequenceParallelTorchNorm:
         for param in norm.parameters():
             setattr(param, "sequence_parallel", config.sequence_parallel)
         return norm
+
+
+class ProjectionRMSNorm(torch.nn.RMSNorm):
+    """QK-norm over a whole q or k projection (OLMoE) instead of over each head (Megatron-core).
+
+    Megatron's ``SelfAttention`` builds ``q_layernorm`` / ``k_layernorm`` with the head dimension
+    and applies them to ``[s, b, heads, head_dim]``; this module takes that call as it is, but its
+    weight spans ``heads x head_dim`` (``heads`` = ``query``: the attention heads, ``key``: the
+    query groups) and it normalises each token's flattened projection, as OLMoE's ``q_norm`` /
+    ``k_norm`` do. Under tensor parallelism each rank holds a slice of the heads and the mean
+    square would need a cross-rank sum; validation refuses that layout instead.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 heads: str = "query", **_unused):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"projection QK-norm is an RMSNorm; normalization={config.normalization!r}")
+        if config.tensor_model_parallel_size != 1:
+            raise ValueError("projection QK-norm needs tensor_model_parallel_size=1")
+        count = {"query": config.num_attention_heads, "key": config.num_query_groups}[heads]
+        super().__init__(count * hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        return super().forward(flat).reshape(x.shape)

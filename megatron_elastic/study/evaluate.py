@@ -56,7 +56,7 @@ def evaluate_run(load: str, eval_spec: dict, overrides: List[str], summary: Opti
     t0 = time.time()
     cfg, env, tokenizer, model, ckpt_dir, iteration = load_for_eval(load, None, overrides,
                                                                     eval_spec.get("eval_iters"))
-    n_exp, n_layers = cfg.model.num_moe_experts, cfg.model.num_layers
+    n_exp, n_layers = cfg.model.num_moe_experts, len(cfg.model.moe_layers)  # budgets: one k per MoE layer
     ks = sorted(k for k in (eval_spec.get("ks") or range(1, 2 * cfg.k_train + 1)) if 1 <= k <= n_exp)
     k_ref = cfg.default_eval_k
     iters = cfg.train.eval_iters
@@ -96,7 +96,7 @@ def evaluate_run(load: str, eval_spec: dict, overrides: List[str], summary: Opti
         "schema": 1,
         "checkpoint": str(ckpt_dir),
         "iteration": iteration,
-        "model": {"num_layers": n_layers, "num_moe_experts": n_exp, "hidden_size": cfg.model.hidden_size,
+        "model": {"num_layers": cfg.model.num_layers, "num_moe_experts": n_exp, "hidden_size": cfg.model.hidden_size,
                   "moe_ffn_hidden_size": cfg.model.moe_ffn_hidden_size,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "moe_router_topk": cfg.model.moe_router_topk,

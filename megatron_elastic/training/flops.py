@@ -1,15 +1,18 @@
 """Model FLOPs from the k each layer actually used, and MFU where the device's peak is known.
 
-Counted per token, forward pass, as multiply-adds x 2, for the model this package builds (every
-layer MoE, SwiGLU experts, grouped-query attention, untied output layer):
+Counted per token, forward pass, as multiply-adds x 2, for the model this package builds (SwiGLU
+experts, grouped-query attention, untied output layer; MoE layers where ``model.moe_layer_pattern``
+has a 1, dense SwiGLU layers elsewhere):
 
 * attention projections: 2 h (q + 2 kv) for QKV and 2 q h for the output, where q = heads x
   kv_channels and kv = query_groups x kv_channels;
 * attention core: 2 s q for QK^T and 2 s q for AV (full s; no discount for the causal mask,
   as Megatron-LM's own count);
 * router: 2 h E;
-* experts: k_l x (2 h 2f + 2 f h) = 6 h f k_l, with k_l the mean k that layer used this step
+* experts: k_l x (2 h 2f + 2 f h) = 6 h f k_l, with k_l the mean k that MoE layer used this step
   (so a layer-wise or top-p schedule is charged what it ran, not k_max);
+* shared expert (always on, not counted in k): 6 h s, plus 2 h for its sigmoid gate;
+* dense layer (no router, no k): 6 h F with F = ffn_hidden_size;
 * output layer: 2 h V.
 
 Training = 3 x forward (the backward pass costs twice the forward). MFU divides the achieved
@@ -34,18 +37,25 @@ PEAK_BF16_TFLOPS = {
 
 
 def forward_flops_per_token(cfg: Config, k_per_layer: Sequence[float], vocab_size: int) -> float:
+    """``k_per_layer``: the mean k of each MoE layer, in depth order (dense layers have none)."""
     m = cfg.model
     h = m.hidden_size
     kv_channels = m.kv_channels or h // m.num_attention_heads
     q = m.num_attention_heads * kv_channels
     kv = m.num_query_groups * kv_channels
     s = m.seq_length
-    if len(k_per_layer) != m.num_layers:
-        raise ValueError(f"k_per_layer has {len(k_per_layer)} entries for {m.num_layers} layers")
+    num_moe = len(m.moe_layers)
+    if len(k_per_layer) != num_moe:
+        raise ValueError(f"k_per_layer has {len(k_per_layer)} entries for {num_moe} MoE layers "
+                         "(one per MoE layer, in depth order)")
     attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * s * q
     router = 2 * h * m.num_moe_experts
     per_expert = 6 * h * m.moe_ffn_hidden_size
-    layers = sum(attention + router + per_expert * k for k in k_per_layer)
+    shared = 0
+    if m.moe_shared_expert_intermediate_size:
+        shared = 6 * h * m.moe_shared_expert_intermediate_size + (2 * h if m.moe_shared_expert_gate else 0)
+    dense = (m.num_layers - num_moe) * (attention + 6 * h * (m.ffn_hidden_size or 0))
+    layers = sum(attention + router + shared + per_expert * k for k in k_per_layer) + dense
     return float(layers + 2 * h * vocab_size)
 
 
@@ -71,9 +81,13 @@ def flops_metrics(cfg: Config, moe_metrics: Dict[str, List[float]], tokens_per_s
     """TFLOP/s per device (and MFU where the peak is known) for the log line."""
     import torch.distributed as dist
 
+    # Megatron's tracker holds one entry per global layer (0 for dense layers): keep the MoE ones.
+    moe_layers = cfg.model.moe_layers
     ks = moe_metrics.get("k")
-    if not ks or len(ks) != cfg.model.num_layers:
-        ks = [float(cfg.elastic_k_max)] * cfg.model.num_layers
+    if ks and len(ks) == cfg.model.num_layers:
+        ks = [ks[i] for i in moe_layers]
+    else:
+        ks = [float(cfg.elastic_k_max)] * len(moe_layers)
     vocab = vocab_size or cfg.model.vocab_size or 0
     world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
     tflops = tokens_per_s * training_flops_per_token(cfg, ks, vocab) / world / 1e12

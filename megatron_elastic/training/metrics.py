@@ -94,21 +94,29 @@ class Logger:
             parts.append(f"MFU {100 * stats['mfu']:.1f}%")
         if "peak_mem_gib" in stats:
             parts.append(f"peak mem {stats['peak_mem_gib']:.2f} GiB")
+        moe = self._moe_layers_only(moe)
         for name, values in moe.items():
             if name == "k":
-                parts.append("k " + ",".join(f"{v:g}" for v in values))
+                parts.append("k " + ",".join(f"{v:g}" for _, v in values))
             else:
-                mean = sum(values) / max(1, len(values))
+                mean = sum(v for _, v in values) / max(1, len(values))
                 parts.append(f"{name} {mean:.4g}")
         if stats.get("skipped"):
             parts.append("skipped (non-finite grad)")
         print(" | ".join(parts), flush=True)
         scalars = {f"train/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
         for name, values in moe.items():
-            scalars[f"moe/{name}"] = sum(values) / max(1, len(values))
-            for layer, v in enumerate(values):
+            scalars[f"moe/{name}"] = sum(v for _, v in values) / max(1, len(values))
+            for layer, v in values:
                 scalars[f"moe/{name}_layer_{layer}"] = v
         self._write(scalars, iteration)
+
+    def _moe_layers_only(self, moe: Dict[str, List[float]]) -> Dict[str, List[tuple]]:
+        """(global layer, value) of the MoE layers: Megatron's tracker has one slot per layer and
+        dense layers (model.moe_layer_freq) leave theirs at 0, which is no k and no loss."""
+        layers = self.cfg.model.moe_layers
+        return {name: [(i, values[i]) for i in layers] if len(values) == self.cfg.model.num_layers
+                else list(enumerate(values)) for name, values in moe.items()}
 
     def validation(self, iteration: int, loss: float, tag: str = "valid") -> None:
         if self.rank != 0:

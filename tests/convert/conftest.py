@@ -12,8 +12,9 @@ classes, the import CLI on one of them, then two process launches:
   logits at several k, then a few steps of an elastic recipe from the imported Mixtral checkpoint,
   saved at iteration 2 and reloaded for its logits.
 
-Everything on the Hugging Face side (exports, transformers models, comparisons) runs in the test
-process. The builders and workers live in conversion_helpers.py.
+Fixture ``archs`` does the same for the architectures beyond Mixtral / Qwen3-MoE (see its
+docstring). Everything on the Hugging Face side (exports, transformers models, comparisons) runs in
+the test process. The builders and workers live in conversion_helpers.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ import json
 
 import pytest
 
-from conversion_helpers import MAX_DIFFS, ep2_work, hf_mixtral, hf_model_logits, hf_qwen3, single_process_work
+from conversion_helpers import (
+    ARCH_BUILDERS,
+    ARCH_K_CHECKS,
+    MAX_DIFFS,
+    arch_ep2_work,
+    arch_import_work,
+    ep2_work,
+    hf_mixtral,
+    hf_model_logits,
+    hf_qwen3,
+    single_process_work,
+)
 from helpers import run_distributed, run_tool
 
 
@@ -44,6 +56,27 @@ def conv(smoke_data, tmp_path_factory):
     single = run_distributed(single_process_work, 1, smoke_data, str(root), tmp_dir=root)[0]
     ep2 = run_distributed(ep2_work, 2, smoke_data, str(root), tmp_dir=root)
     return {"root": root, "data": smoke_data, "hf": hf_logits, "single": single, "ep2": ep2}
+
+
+@pytest.fixture(scope="session")
+def archs(smoke_data, tmp_path_factory):
+    """Qwen2-MoE (gated shared expert, q/k/v biases, a dense layer), OLMoE (projection-wide
+    QK-norm) and Qwen3-MoE with dense layers: random models through the transformers classes,
+    their logits at every k check, imported in one process (recipes for expert parallel 2), then
+    loaded, evaluated and re-saved under expert parallel 2 with an elastic run from the Qwen2-MoE
+    import (``arch_ep2_work``). The exports and comparisons run in the test process."""
+    from megatron_elastic.convert.hf_tokenizer import save_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_architectures")
+    hf_logits = {}
+    for name, build in ARCH_BUILDERS.items():
+        model = build()
+        model.save_pretrained(str(root / f"hf_{name}"))
+        save_hf_tokenizer(smoke_data["tokenizer"], root / f"hf_{name}")
+        hf_logits[name] = {json.dumps(k): hf_model_logits(model, k) for k in ARCH_K_CHECKS[name]}
+    run_distributed(arch_import_work, 1, str(root), tmp_dir=root)
+    ep2 = run_distributed(arch_ep2_work, 2, smoke_data, str(root), tmp_dir=root)
+    return {"root": root, "hf": hf_logits, "ep2": ep2}
 
 
 @pytest.fixture(scope="session", autouse=True)

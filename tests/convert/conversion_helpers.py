@@ -126,6 +126,47 @@ def hf_qwen3(**extra):
     return model.eval()
 
 
+def hf_qwen2(**extra):
+    """Qwen2-MoE with a gated shared expert, q/k/v biases and layer 1 dense (mlp_only_layers)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, moe_intermediate_size=24,
+                  shared_expert_intermediate_size=40, num_hidden_layers=3, mlp_only_layers=[1],
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  norm_topk_prob=False, qkv_bias=True, max_position_embeddings=64, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=3)
+    config.update(extra)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**config))
+    randomize(model, 7)
+    return model.eval()
+
+
+def hf_olmoe(**extra):
+    """OLMoE: QK-norm over the whole q / k projection, raw top-k softmax gates (its default)."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config.update(extra)
+    model = OlmoeForCausalLM(OlmoeConfig(**config))
+    randomize(model, 8)
+    return model.eval()
+
+
+def hf_qwen3_mixed(**extra):
+    """Qwen3-MoE with every other layer dense (decoder_sparse_step=2: layers 1 and 3 are MoE) and
+    renormalised top-k gates."""
+    return hf_qwen3(num_hidden_layers=4, decoder_sparse_step=2, norm_topk_prob=True, **extra)
+
+
+# HF builders of the architectures beyond Mixtral / Qwen3-MoE (the ``archs`` fixture).
+ARCH_BUILDERS = {"qwen2": hf_qwen2, "olmoe": hf_olmoe, "qwen3_mixed": hf_qwen3_mixed}
+# k checks per architecture: the default (k_train = 2), k' = 1 and 3 everywhere, a per-MoE-layer list.
+ARCH_K_CHECKS = {"qwen2": [None, 1, 3, [3, 1]], "olmoe": [None, 1, 3, [1, 3]],
+                 "qwen3_mixed": [None, 1, 3, [3, 1]]}
+
+
 # ------------------------------------------------------------------------------ process workers
 # Where tensor parallelism splits each weight (dim of the local tensor), as Megatron's column-
 # (qkv, fc1, embedding, output) and row-parallel (proj, fc2) layers do.
@@ -254,6 +295,62 @@ def ep2_work(rank, world_size, data, root):
         trained = build_model(recipe, VOCAB)
         load_checkpoint(root / "trained", trained, None, recipe, finetune=True)
         out["trained"] = megatron_model_logits(trained, [3, 1])  # the recipe's eval_k
+    finally:
+        parallel.destroy()
+    return out
+
+
+def arch_import_work(rank, world_size, root):
+    """Import every ``ARCH_BUILDERS`` model (recipes for expert parallel size 2)."""
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    root = Path(root)
+    for name in ARCH_BUILDERS:
+        convert_hf_to_megatron(root / f"hf_{name}", root / f"imported_{name}", expert_model_parallel_size=2,
+                               progress=False)
+    return True
+
+
+def arch_ep2_work(rank, world_size, data, root):
+    """Under expert parallel size 2: each imported model loaded, its logits at every k check,
+    saved again (the export's source); then a few steps of EMoE-pool + layer-wise elastic
+    training from the imported Qwen2-MoE (shared expert, a dense layer)."""
+    from megatron_elastic import parallel
+    from megatron_elastic.config import load_config
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.train import run
+    from megatron_elastic.training.checkpoint import load_checkpoint, save_checkpoint
+
+    root = Path(root)
+    out = {}
+    first = load_config(root / "imported_qwen2" / "megatron_config.yaml")
+    parallel.initialize(first)
+    try:
+        for name in ARCH_BUILDERS:
+            imported = root / f"imported_{name}"
+            cfg = load_config(imported / "megatron_config.yaml")
+            assert cfg.parallel.expert_model_parallel_size == 2
+            m = build_model(cfg, VOCAB)
+            load_checkpoint(imported, m, None, cfg, finetune=True)
+            out[f"{name}_local_experts"] = len(next(layer.mlp.experts.local_experts for layer in m.decoder.layers
+                                                    if hasattr(layer.mlp, "router")))
+            out[name] = {json.dumps(k): megatron_model_logits(m, k) for k in ARCH_K_CHECKS[name]}
+            save_checkpoint(root / f"ep2_{name}", m, None, cfg, 0)
+        recipe = load_config(root / "imported_qwen2" / "megatron_config.yaml", [
+            f"data.data_path=[{data['prefix']}]", "data.split=90,10,0",
+            f"checkpoint.save={root / 'trained_qwen2'}", "checkpoint.save_interval=3",
+            "train.train_iters=3", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.eval_interval=0", "train.eval_iters=1", "train.lr_warmup_iters=0", "train.lr=1e-2",
+            "model.seq_length=32", "logging.tensorboard_dir=null", "logging.log_interval=1",
+            "elastic.schedule=layerwise", "elastic.k_min=1", "elastic.k_max=2", "elastic.pool_ratio=2",
+            "elastic.eval_k=[2,1]", "elastic.router_loss_coeff=1e-3",
+        ])
+        result = run(recipe)
+        out["train_losses"], out["train_iteration"] = result.losses, result.iteration
+        trained = build_model(recipe, VOCAB)
+        load_checkpoint(root / "trained_qwen2", trained, None, recipe, finetune=True)
+        out["trained_shared_gate"] = trained.decoder.layers[0].mlp.shared_experts.gate_weight.detach().clone()
+        out["trained"] = megatron_model_logits(trained, [2, 1])
     finally:
         parallel.destroy()
     return out

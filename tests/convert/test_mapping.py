@@ -105,3 +105,52 @@ def test_checkpoint_with_fewer_experts_is_rejected_not_truncated():
     stored = {"decoder.layers.mlp.experts.experts.linear_fc2.weight": (2, 3, 16, 8)}
     ref = resolve(down, shape, stored, "checkpoint")
     assert (ref.key, ref.index) == ("decoder.layers.mlp.experts.experts.linear_fc2.weight", (1, 2))
+
+
+def test_shared_expert_dense_layer_and_bias_export_from_every_expert_layout():
+    """Qwen2-MoE shape (gated shared expert, q/k/v bias, layer 1 dense): sequential, grouped
+    (moe_grouped_gemm) and singleton-shard expert names, and Transformer Engine's fused norm names,
+    all export the same hub tensors; the shared expert's and dense MLP's [gate; up] fc1 split into
+    gate_proj / up_proj rows."""
+    from megatron_elastic.config import Config
+    from megatron_elastic.convert.mapping import hf_expected_shapes
+    from megatron_elastic.convert.to_hf import megatron_state_dict_to_hf
+
+    cfg = Config.from_dict({"model": {
+        "num_layers": 3, "hidden_size": 16, "num_attention_heads": 4, "num_query_groups": 2, "num_moe_experts": 3,
+        "moe_ffn_hidden_size": 8, "ffn_hidden_size": 12, "moe_layer_freq": [1, 0, 1], "add_qkv_bias": True,
+        "moe_shared_expert_intermediate_size": 6, "moe_shared_expert_gate": True}}).validate()
+    shape = _shape(architecture="qwen2_moe", num_layers=3, dense_layers=(1,), dense_ffn_hidden_size=12,
+                   shared_expert_size=6, shared_expert_gate=True, qkv_bias=True)
+    seq = _sequential_state_dict(shape)
+    expected = megatron_state_dict_to_hf(seq, cfg)
+    assert dict((n, tuple(t.shape)) for n, t in expected.items()) == hf_expected_shapes(shape)
+    fc1 = seq["decoder.layers.1.mlp.linear_fc1.weight"]
+    assert torch.equal(expected["model.layers.1.mlp.gate_proj.weight"], fc1[:12])
+    assert torch.equal(expected["model.layers.1.mlp.up_proj.weight"], fc1[12:])
+    shared = seq["decoder.layers.2.mlp.shared_experts.linear_fc1.weight"]
+    assert torch.equal(expected["model.layers.2.mlp.shared_expert.up_proj.weight"], shared[6:])
+    assert "model.layers.1.mlp.gate.weight" not in expected and "model.layers.0.mlp.gate.weight" in expected
+
+    te_names = {r"input_layernorm\.weight$": "self_attention.linear_qkv.layer_norm_weight",
+                r"pre_mlp_layernorm\.weight$": "mlp.linear_fc1.layer_norm_weight"}
+    grouped = {}
+    for k, v in seq.items():
+        k = re.sub(r"local_experts\.(\d+)\.(linear_fc\d\.weight)", r"\2\1", k)
+        for pattern, te in te_names.items():
+            k = re.sub(pattern, te, k)
+        grouped[k] = v
+    singleton = {}
+    for k, v in seq.items():
+        m = re.match(r"(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.linear_fc(\d)\.weight", k)
+        if m and m[3] == "1":
+            key = f"{m[1]}experts.{m[2]}.linear_fc1.weight"
+            singleton[key + "_w"], singleton[key + "_v"] = v.chunk(2)
+        elif m:
+            singleton[f"{m[1]}experts.{m[2]}.linear_fc2.weight"] = v
+        else:
+            singleton[k] = v
+    for layout in (grouped, singleton):
+        got = megatron_state_dict_to_hf(layout, cfg)
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[n], expected[n]) for n in expected)

@@ -37,5 +37,25 @@ def test_tflops_and_mfu_from_realised_k():
 
 
 def test_k_list_must_cover_every_layer():
-    with pytest.raises(ValueError, match="k_per_layer has 1 entries for 2 layers"):
+    with pytest.raises(ValueError, match="k_per_layer has 1 entries for 2 MoE layers"):
         training_flops_per_token(_cfg(), [2], vocab_size=512)
+
+
+def test_shared_expert_and_dense_layers_are_counted():
+    """A dense layer costs attention + 6 h F and has no k; a shared expert adds 6 h s + 2 h (gate)
+    to every MoE layer whatever k; the tracker's per-global-layer k list is narrowed to MoE layers."""
+    raw = {"model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                     "seq_length": 32, "num_moe_experts": 4, "moe_ffn_hidden_size": 32, "ffn_hidden_size": 96,
+                     "moe_layer_freq": [1, 0, 1], "moe_shared_expert_intermediate_size": 16,
+                     "moe_shared_expert_gate": True},
+           "elastic": {"schedule": "layerwise", "k_min": 1, "k_max": 4}, "train": {"peak_tflops": 1.0}}
+    cfg = Config.from_dict(raw).validate()
+    attention, router, expert = 16384 + 8192 + 8192, 512, 12288
+    shared = 6 * 64 * 16 + 2 * 64
+    dense = attention + 6 * 64 * 96
+    forward = 2 * (attention + router + shared) + expert * (1 + 3) + dense + 65536
+    assert training_flops_per_token(cfg, [1, 3], vocab_size=512) == 3 * forward
+    with pytest.raises(ValueError, match="3 entries for 2 MoE layers"):
+        training_flops_per_token(cfg, [1, 1, 3], vocab_size=512)
+    out = flops_metrics(cfg, {"k": [1.0, 0.0, 3.0]}, tokens_per_s=1e6, vocab_size=512, world_size=1)
+    assert out["tflops_per_device"] == pytest.approx(1e6 * 3 * forward / 1e12)

@@ -18,7 +18,8 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_elastic.training import metrics
-from megatron_elastic.training.metrics import collect_moe_metrics
+from megatron_elastic.config import Config
+from megatron_elastic.training.metrics import Logger, collect_moe_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +95,15 @@ def test_reduce_group_is_summed_then_averaged_over_dp_unless_it_contains_dp(monk
     assert out["a"] == [pytest.approx((4.0 + 1.0 + 10.0) / 2)]  # SUM over tp, then DP mean
     assert out["b"] == [pytest.approx(4.0 + 2.0)]  # the group already spans DP: SUM only
     assert fake.calls == ["tp", "dp", "tpdp"]
+
+
+def test_progress_line_leaves_dense_layers_out_of_k_and_loss_means(capsys):
+    """Megatron's tracker has a slot per layer; dense layers (no router) leave theirs at 0, which
+    is neither a k nor a loss."""
+    cfg = Config.from_dict({"model": {"num_layers": 3, "moe_layer_freq": [1, 0, 1], "ffn_hidden_size": 32},
+                            "logging": {"tensorboard_dir": None}}).validate()
+    logger = Logger(cfg, rank=0)
+    stats = {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0}
+    logger.train_step(1, stats, {"k": [2.0, 0.0, 1.0], "load_balancing_loss": [0.3, 0.0, 0.1]})
+    line = capsys.readouterr().out
+    assert "| k 2,1 |" in line and "load_balancing_loss 0.2" in line
