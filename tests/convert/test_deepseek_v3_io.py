@@ -8,7 +8,6 @@ from the import, and the refusals.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -18,14 +17,16 @@ from conversion_helpers import read_safetensors, record_diff
 from test_deepseek_v3 import SEQ, TOL, VARIANTS, hf_model, tokens
 from megatron_elastic.convert import ConversionError
 
-# What the model section here can build: no shared experts, no dense layers (see deepseek_v3_io).
 IMPORTABLE = {
+    # V3's own shape: a shared expert and a dense first layer (moe_shared_expert_intermediate_size,
+    # moe_layer_freq), grouped routing with expert bias.
+    "shared_dense": VARIANTS["v3"],
     "grouped": dict(q_lora_rank=24, n_shared_experts=0, n_routed_experts=16, n_group=4, topk_group=2,
                     num_experts_per_tok=4, first_k_dense_replace=0),
     "plain_rope": dict(q_lora_rank=None, n_shared_experts=0, n_group=1, topk_group=1, num_experts_per_tok=3,
                        first_k_dense_replace=0, rope_interleave=False, tie_word_embeddings=True),
 }
-ELASTIC_K = {"grouped": [5], "plain_rope": [2, 6]}
+ELASTIC_K = {"shared_dense": [5], "grouped": [5], "plain_rope": [2, 6]}
 
 
 def saved_hf(name: str, root, variants=IMPORTABLE):
@@ -140,26 +141,6 @@ def test_elastic_recipe_trains_from_the_import(one_process_parallel, tmp_path):
     # A k range whose group width (k // group_topk) changes is refused before anything is built.
     with pytest.raises(ConfigError, match=r"groups a token may use would change with k.*\[4, 5\]"):
         load_imported(tmp_path / "imported", "elastic.schedule=layerwise", "elastic.k_min=2", "elastic.k_max=5")
-
-
-def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_parallel, tmp_path):
-    """DeepSeek-V3's shared experts and dense first layers: refused with the reason while the model
-    section has no keys for them; once it has (moe_shared_expert_intermediate_size, moe_layer_freq),
-    the import must reproduce HF's logits."""
-    from megatron_elastic.config.sections import ModelConfig
-    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
-
-    hf, directory = saved_hf("v3", tmp_path, VARIANTS)
-    keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    if {"moe_shared_expert_intermediate_size", "moe_layer_freq"} <= keys:
-        convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
-        _, model = load_imported(tmp_path / "imported")
-        assert record_diff("deepseek import v3 shared+dense", project_logits(model, None), hf_logits(hf, 4)) < TOL
-        return
-    with pytest.raises(ConversionError, match=r"shared experts \(n_shared_experts=1\) need "
-                                              r"model.moe_shared_expert_intermediate_size.*dense first layers"):
-        convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
-    assert not (tmp_path / "imported").exists()
 
 
 def test_unsupported_deepseek_configs_are_refused_before_anything_is_written(tmp_path):
