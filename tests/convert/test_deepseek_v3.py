@@ -44,7 +44,7 @@ VARIANTS = {
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.7}
 VARIANTS.update({
-    "v3_yarn": dict(q_lora_rank=24, n_shared_experts=0, n_group=2, topk_group=2, num_experts_per_tok=3,
+    "v3_yarn": dict(q_lora_rank=24, n_shared_experts=0, n_group=1, topk_group=1, num_experts_per_tok=3,
                     first_k_dense_replace=0, rope_parameters=YARN),
     # transformers' DeepseekV2ForCausalLM ("_v2"): DeepSeek-V2-Lite's routing and YaRN (factor 40,
     # mscale = mscale_all_dim = 0.707), scaled down.

@@ -1,9 +1,10 @@
-"""DeepSeek-V3 import and export through the converters' entry points (convert/deepseek_v3_io.py,
+"""DeepSeek-V2/V3 import and export through the converters' entry points (convert/deepseek_v3_io.py,
 reached from from_hf.convert_hf_to_megatron and to_hf.convert_megatron_to_hf): HF -> Megatron ->
 HF bit-identical (for rope_interleave: true, DeepSeek's layout; a rope_interleave: false source
 comes back in that layout, rope rows reordered, same logits), the imported project model (MLA, ElasticRouter with the expert bias, group-limited
 top-k, gate scale) reproducing HF's logits at k_train and at k' set on both sides, an elastic recipe
-from the import, and the refusals.
+from the import, the refusals, and released-checkpoint extras (YaRN, DeepseekV2ForCausalLM,
+multi-token-prediction layers skipped, block-wise fp8 weights dequantized).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from conversion_helpers import read_safetensors, record_diff
-from test_deepseek_v3 import SEQ, TOL, VARIANTS, hf_model, tokens
+from test_deepseek_v3 import SEQ, TOL, VARIANTS, YARN, hf_model, tokens
 from megatron_elastic.convert import ConversionError
 
 # What the model section here can build: no shared experts, no dense layers (see deepseek_v3_io).
@@ -24,8 +25,12 @@ IMPORTABLE = {
                     num_experts_per_tok=4, first_k_dense_replace=0),
     "plain_rope": dict(q_lora_rank=None, n_shared_experts=0, n_group=1, topk_group=1, num_experts_per_tok=3,
                        first_k_dense_replace=0, rope_interleave=False, tie_word_embeddings=True),
+    "v3_yarn": VARIANTS["v3_yarn"],
+    # DeepseekV2ForCausalLM with DeepSeek-V2-Lite's routing and YaRN (no shared experts / dense layers here).
+    "hfv2_lite": {**VARIANTS["hfv2_lite"], "n_shared_experts": 0, "first_k_dense_replace": 0, "n_group": 1,
+                  "topk_group": 1},
 }
-ELASTIC_K = {"grouped": [5], "plain_rope": [2, 6]}
+ELASTIC_K = {"grouped": [5], "plain_rope": [2, 6], "v3_yarn": [6], "hfv2_lite": [1, 6]}
 
 
 def saved_hf(name: str, root, variants=IMPORTABLE):
@@ -73,10 +78,13 @@ def test_import_matches_hf_and_export_is_bit_identical(one_process_parallel, tmp
 
     hf, directory = saved_hf(name, tmp_path)
     result = convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
-    assert result.architecture == "deepseek_v3"
+    v2 = name.startswith("hfv2")
+    arch = "deepseek_v2" if v2 else "deepseek_v3"
+    assert result.architecture == arch
     cfg, model = load_imported(tmp_path / "imported")
     m = cfg.model
-    assert m.multi_latent_attention and m.moe_router_enable_expert_bias and m.num_query_groups == m.num_attention_heads
+    assert m.multi_latent_attention and m.moe_router_enable_expert_bias != v2 and m.num_query_groups == m.num_attention_heads
+    assert m.rope_type == ("yarn" if "yarn" in str(hf.config.rope_parameters) else "rope")
     k_train = hf.config.num_experts_per_tok
     for k in [None, *ELASTIC_K[name]]:
         diff = record_diff(f"deepseek import {name} k={k}", project_logits(model, k), hf_logits(hf, k or k_train))
@@ -86,11 +94,11 @@ def test_import_matches_hf_and_export_is_bit_identical(one_process_parallel, tmp
 
     back = tmp_path / "back"
     exported = convert_megatron_to_hf(tmp_path / "imported", back, tokenizer_model=False, progress=False)
-    assert exported.architecture == "deepseek_v3"
+    assert exported.architecture == arch
     original, again = read_safetensors(directory), read_safetensors(back)
     assert sorted(original) == sorted(again)
     expected = dict(original)
-    if not hf.config.rope_interleave:
+    if not getattr(hf.config, "rope_interleave", True):
         # Exported in Megatron's own RoPE layout (rope_interleave: true): the rope rows of the query
         # and of kv_a_proj_with_mqa are reordered, every other tensor is bit-identical.
         from megatron_elastic.convert import deepseek_v3 as ds
@@ -114,9 +122,11 @@ def test_import_matches_hf_and_export_is_bit_identical(one_process_parallel, tmp
                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                 "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok",
                 "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace",
-                "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"):
-        assert after[key] == before[key], key
-    assert after["rope_interleave"] is True
+                "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "max_position_embeddings",
+                "topk_method"):
+        assert after.get(key) == before.get(key), key
+    if not v2:
+        assert after["rope_interleave"] is True and after["num_nextn_predict_layers"] == 0
     assert after["elastic_moe"]["k_train"] == k_train
 
 
@@ -165,10 +175,10 @@ def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_paral
 def test_unsupported_deepseek_configs_are_refused_before_anything_is_written(tmp_path):
     from megatron_elastic.convert.from_hf import convert_hf_to_megatron
 
-    yarn = {"yarn": {**IMPORTABLE["grouped"], "rope_parameters": {
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16}}}
-    _, directory = saved_hf("yarn", tmp_path, yarn)
-    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'"):
+    linear = {"linear": {**IMPORTABLE["grouped"], "rope_parameters": {
+        "rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}}
+    _, directory = saved_hf("linear", tmp_path, linear)
+    with pytest.raises(ConversionError, match="RoPE scaling 'linear'"):
         convert_hf_to_megatron(directory, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -250,3 +260,76 @@ def test_import_loads_expert_parallel(tmp_path):
         for k in (None, 5):
             diff = record_diff(f"deepseek import grouped EP=2 k={k}", rank[str(k)], hf_logits(hf, k or 4))
             assert diff < TOL, (k, diff)
+
+
+def released_layout(directory, shape, block=(8, 8)):
+    """Rewrite a save_pretrained directory the way DeepSeek releases V3: one multi-token-prediction
+    layer (layer index num_hidden_layers, with its eh_proj / enorm / hnorm) and every projection
+    stored as float8_e4m3fn with a per-block fp32 weight_scale_inv. Returns the dequantized weights
+    the import must see."""
+    from safetensors.torch import save_file
+
+    state = read_safetensors(directory)
+    mtp = f"model.layers.{shape.num_layers}."
+    for key in [k for k in state if k.startswith("model.layers.0.")]:
+        state[key.replace("model.layers.0.", mtp)] = state[key].clone()
+    h = shape.hidden_size
+    state.update({mtp + "eh_proj.weight": torch.randn(h, 2 * h), mtp + "enorm.weight": torch.ones(h),
+                  mtp + "hnorm.weight": torch.ones(h)})
+    expected = {}
+    g = torch.Generator().manual_seed(11)
+    for key in [k for k in state if k.endswith("_proj.weight") and state[k].numel()]:
+        w = state[key]
+        scale = 0.5 + torch.rand(-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]), generator=g)
+        full = scale.repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+        state[key] = (w / full).to(torch.float8_e4m3fn)
+        state[key + "_scale_inv"] = scale
+        expected[key] = state[key].float() * full
+    (directory / "model.safetensors").unlink()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config.update(num_nextn_predict_layers=1, quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)})
+    (directory / "config.json").write_text(json.dumps(config))
+    return expected
+
+
+@pytest.mark.slow
+def test_released_checkpoint_with_mtp_and_fp8_imports(one_process_parallel, tmp_path, capsys):
+    """A V3 directory as DeepSeek releases it (MTP layer, fp8 blocks, YaRN): the MTP tensors are
+    skipped with a note, the fp8 weights land dequantized (weight * scale_inv per block, exactly),
+    and the export writes plain weights, num_nextn_predict_layers 0 and no quantization_config."""
+    from megatron_elastic.convert import deepseek_v3 as ds
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+    from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+
+    hf, directory = saved_hf("v3_yarn", tmp_path)
+    original = read_safetensors(directory)
+    shape = ds.shape_from_hf(hf.config)
+    expected = released_layout(directory, shape)
+    convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+    # The MTP layer's weights, fp8 scales, eh_proj and norms.
+    skipped = len([k for k in read_safetensors(directory) if k.startswith(f"model.layers.{shape.num_layers}.")])
+    assert skipped > len([k for k in original if k.startswith("model.layers.0.")]) + 3  # + scales
+    assert f"skipped {skipped} tensors of 1 multi-token-prediction layer(s)" in capsys.readouterr().out
+    convert_megatron_to_hf(tmp_path / "imported", tmp_path / "back", tokenizer_model=False, progress=False)
+    again = read_safetensors(tmp_path / "back")
+    assert sorted(again) == sorted(original)  # no MTP layer, no scales
+    for key, tensor in again.items():
+        want = expected.get(key, original[key])
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want), key
+    assert any(not torch.equal(expected[k], original[k]) for k in expected)  # fp8 rounding happened
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and "quantization_config" not in config
+
+
+def test_unknown_quantization_is_refused(tmp_path):
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    _, directory = saved_hf("grouped", tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="only DeepSeek's block-wise fp8"):
+        convert_hf_to_megatron(directory, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
