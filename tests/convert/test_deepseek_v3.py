@@ -318,6 +318,16 @@ def test_unsupported_configs_are_refused_with_the_reason():
     assert ds.supported_inference_k(hf_config("hfv2_lite")) == list(range(1, 9))  # greedy: every k, k = 1 too
 
 
+def test_export_refuses_what_transformers_cannot_express():
+    fields = ds.megatron_fields(hf_config("v3_yarn"))
+    with pytest.raises(ConversionError, match=r"yarn mscale=0.9 with mscale_all_dim=0: transformers ignores mscale"):
+        ds.hf_rope_parameters({**fields, "mscale_all_dim": 0.0})
+    assert ds.hf_rope_parameters({**fields, "mscale": 1.0, "mscale_all_dim": 0.0})["mscale"] == 1.0
+    # Mixtral-style renormalised softmax is neither DeepSeek router.
+    with pytest.raises(ConversionError, match="DeepSeek-V3 routes with sigmoid .* DeepSeek-V2 with a softmax"):
+        ds.hf_class_for({"moe_router_score_function": "softmax", "moe_router_pre_softmax": False})
+
+
 def test_bad_tensors_are_named():
     model = hf_model("v2_lite")
     shape = ds.shape_from_hf(model.config)
