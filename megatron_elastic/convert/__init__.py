@@ -1,5 +1,5 @@
 """Hugging Face conversion: Megatron-core distributed checkpoints <-> Mixtral / Qwen3-MoE /
-DeepSeek-V3 (multi-latent attention: ``deepseek_v3`` maps it, ``deepseek_v3_io`` converts it).
+DeepSeek-V2/V3 (multi-latent attention: ``deepseek_v3`` maps both, ``deepseek_v3_io`` converts them).
 
 * ``to_hf.convert_megatron_to_hf``: a checkpoint saved under any tensor/expert-parallel layout
   -> a ``transformers`` model directory (``MixtralForCausalLM`` without QK-norm,

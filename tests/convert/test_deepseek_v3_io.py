@@ -152,6 +152,24 @@ def test_elastic_recipe_trains_from_the_import(one_process_parallel, tmp_path):
         load_imported(tmp_path / "imported", "elastic.schedule=layerwise", "elastic.k_min=2", "elastic.k_max=5")
 
 
+@pytest.mark.slow
+def test_v2_recipe_trains_from_the_import(one_process_parallel, tmp_path):
+    """A DeepseekV2ForCausalLM import (pre-softmax router with its aux loss, YaRN) trains with an
+    elastic layerwise k down to 1."""
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    _, directory = saved_hf("hfv2_lite", tmp_path)
+    convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
+    cfg, model = load_imported(tmp_path / "imported", "elastic.schedule=layerwise", "elastic.k_min=1",
+                               "elastic.k_max=6")
+    assert cfg.model.moe_router_load_balancing_type == "aux_loss" and cfg.model.moe_aux_loss_coeff == 0.001
+    model.train()
+    ids = tokens()
+    loss = model(ids, torch.arange(SEQ).expand(2, -1), None, labels=torch.roll(ids, -1, 1)).float().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_parallel, tmp_path):
     """DeepSeek-V3's shared experts and dense first layers: refused with the reason while the model
     section has no keys for them; once it has (moe_shared_expert_intermediate_size, moe_layer_freq),
