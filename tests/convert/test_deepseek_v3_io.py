@@ -351,3 +351,60 @@ def test_unknown_quantization_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="only DeepSeek's block-wise fp8"):
         convert_hf_to_megatron(directory, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# The released config.json files (architecture fields as published; legacy rope_scaling).
+V2_LITE_CONFIG = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "attention_bias": False,
+    "aux_loss_alpha": 0.001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}
+V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_group": 4,
+    "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280}
+
+
+@pytest.mark.parametrize("raw", [V2_LITE_CONFIG, V3_CONFIG], ids=["v2_lite", "v3"])
+def test_released_configs_map_except_shared_experts_and_dense_layers(tmp_path, raw):
+    """DeepSeek-V2-Lite's and DeepSeek-V3's own config.json: YaRN, routing, fp8 and MTP settings all
+    map; what still stops the import is only the shared experts / dense first layers (other branch)."""
+    from transformers import AutoConfig
+
+    from megatron_elastic.convert import deepseek_v3 as ds
+    from megatron_elastic.convert import deepseek_v3_io as io
+    from megatron_elastic.convert.mapping import architecture_from_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = AutoConfig.from_pretrained(str(tmp_path))
+    assert architecture_from_hf_config(raw) == ("deepseek_v2" if ds.is_v2(hf) else "deepseek_v3")
+    ds.check_supported(hf)
+    f = ds.megatron_fields(hf)
+    assert (f["rope_type"], f["rotary_scaling_factor"], f["original_max_position_embeddings"]) == ("yarn", 40.0, 4096)
+    assert f["mscale_all_dim"] == raw["rope_scaling"]["mscale_all_dim"]
+    assert ds.fp8_block_size(hf) == ((128, 128) if "quantization_config" in raw else None)
+    if ds.is_v2(hf):
+        assert ds.supported_inference_k(hf) == list(range(1, 65))
+    else:
+        assert ds.supported_inference_k(hf) == [8, 9, 10, 11]
+    keys = io._model_keys()
+    if not {io._SHARED_KEY, io._FREQ_KEY} <= keys:
+        with pytest.raises(ConversionError, match="shared experts .* dense first layers"):
+            io.recipe_model_section(hf, "config.json")
+    else:
+        assert io.recipe_model_section(hf, "config.json")["rope_type"] == "yarn"
