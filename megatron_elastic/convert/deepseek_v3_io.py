@@ -282,15 +282,17 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
 
 def _dequantizing_getter(weights, block):
     """``weights.get``, with fp8 weights multiplied by their block scales (fp32 out; ``put`` casts
-    to the model's dtype)."""
-    if block is None:
-        return weights.get
+    to the model's dtype); an fp8 tensor without a scale is refused (casting it would be wrong)."""
     names = set(weights.names())
 
     def get(name: str) -> torch.Tensor:
         value = weights.get(name)
-        if name + ds.FP8_SCALE_SUFFIX in names:
+        if block is not None and name + ds.FP8_SCALE_SUFFIX in names:
             return ds.dequantize_fp8(value, weights.get(name + ds.FP8_SCALE_SUFFIX), block)
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ConversionError(
+                f"{weights.dir}: {name} is stored as {value.dtype} without a {name}{ds.FP8_SCALE_SUFFIX} "
+                "(or config.json has no fp8 quantization_config): its real values are unknown")
         return value
 
     return get

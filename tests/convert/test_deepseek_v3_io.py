@@ -341,6 +341,23 @@ def test_released_checkpoint_with_mtp_and_fp8_imports(one_process_parallel, tmp_
     assert config["num_nextn_predict_layers"] == 0 and "quantization_config" not in config
 
 
+@pytest.mark.slow
+def test_fp8_weight_without_its_scale_is_refused(one_process_parallel, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_elastic.convert import deepseek_v3 as ds
+    from megatron_elastic.convert.from_hf import convert_hf_to_megatron
+
+    hf, directory = saved_hf("v3_yarn", tmp_path)
+    released_layout(directory, ds.shape_from_hf(hf.config))
+    state = read_safetensors(directory)
+    del state["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"o_proj.weight is stored as torch.float8_e4m3fn without"):
+        convert_hf_to_megatron(directory, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_quantization_is_refused(tmp_path):
     from megatron_elastic.convert.from_hf import convert_hf_to_megatron
 
