@@ -170,19 +170,31 @@ def test_v2_recipe_trains_from_the_import(one_process_parallel, tmp_path):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_parallel, tmp_path):
-    """DeepSeek-V3's shared experts and dense first layers: refused with the reason while the model
-    section has no keys for them; once it has (moe_shared_expert_intermediate_size, moe_layer_freq),
-    the import must reproduce HF's logits."""
+@pytest.mark.parametrize("name", ["v3", "hfv2_lite"])
+def test_shared_experts_and_dense_layers_import_or_are_refused(one_process_parallel, tmp_path, name):
+    """DeepSeek-V3's and DeepSeek-V2-Lite's shared experts and dense first layers: refused with the
+    reason while the model section has no keys for them; once it has
+    (moe_shared_expert_intermediate_size, moe_layer_freq), the import must reproduce HF's logits
+    at k_train and k' and export back bit-identically."""
     from megatron_elastic.config.sections import ModelConfig
     from megatron_elastic.convert.from_hf import convert_hf_to_megatron
 
-    hf, directory = saved_hf("v3", tmp_path, VARIANTS)
+    hf, directory = saved_hf(name, tmp_path, VARIANTS)
     keys = {f.name for f in dataclasses.fields(ModelConfig)}
     if {"moe_shared_expert_intermediate_size", "moe_layer_freq"} <= keys:
+        from megatron_elastic.convert.to_hf import convert_megatron_to_hf
+
         convert_hf_to_megatron(directory, tmp_path / "imported", progress=False)
         _, model = load_imported(tmp_path / "imported")
-        assert record_diff("deepseek import v3 shared+dense", project_logits(model, None), hf_logits(hf, 4)) < TOL
+        k_train = hf.config.num_experts_per_tok
+        for k in (None, *ELASTIC_K.get(name, [5])):
+            diff = record_diff(f"deepseek import {name} shared+dense k={k}", project_logits(model, k),
+                               hf_logits(hf, k or k_train))
+            assert diff < TOL, (k, diff)
+        convert_megatron_to_hf(tmp_path / "imported", tmp_path / "back", tokenizer_model=False, progress=False)
+        original, again = read_safetensors(directory), read_safetensors(tmp_path / "back")
+        assert sorted(original) == sorted(again)
+        assert all(torch.equal(again[key], tensor) for key, tensor in original.items())
         return
     with pytest.raises(ConversionError, match=r"shared experts \(n_shared_experts=1\) need "
                                               r"model.moe_shared_expert_intermediate_size.*dense first layers"):
