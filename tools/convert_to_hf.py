@@ -34,7 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--load", required=True, help="checkpoint root (uses the latest tracker) or an iter_N directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--architecture", default="auto", choices=["auto", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2"],
+    parser.add_argument("--architecture", default="auto",
+                        choices=["auto", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2"],
                         help="auto: for multi-latent attention deepseek_v3 (sigmoid router) or deepseek_v2 "
                              "(pre-softmax router), qwen3_moe for QK-norm models, "
                              "mixtral otherwise")

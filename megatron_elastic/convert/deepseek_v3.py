@@ -657,7 +657,8 @@ def mtp_tensor_names(names: Iterable[str], shape: DeepseekShape) -> List[str]:
     out = []
     for name in names:
         parts = name.split(".")
-        if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= shape.num_layers:
+        if (len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) >= shape.num_layers):
             out.append(name)
     return out
 

@@ -350,7 +350,8 @@ def _model_state(model) -> dict:
 
 # ------------------------------------------------------------------------------ export
 def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], output: Union[str, os.PathLike], *,
-                       architecture: Optional[str] = None, dtype=None, max_shard_size="5GB", tokenizer_model=None, overwrite: bool = False,
+                       architecture: Optional[str] = None, dtype=None, max_shard_size="5GB", tokenizer_model=None,
+                       overwrite: bool = False,
                        progress: bool = True):
     from transformers import DeepseekV2Config, DeepseekV3Config, GenerationConfig
 

@@ -4,7 +4,8 @@ Tiny random transformers ``DeepseekV3ForCausalLM`` models in four shapes (DeepSe
 LoRA, active group-limited routing, a shared expert, a dense first layer; V2-Lite-like: no q LoRA,
 one group; Moonlight-like: two shared experts, no group limit, tied embeddings, rope_interleave
 off; YaRN RoPE) and ``DeepseekV2ForCausalLM`` models in two (DeepSeek-V2-Lite's routing and YaRN:
-greedy softmax top-k, a shared expert, a dense first layer; group_limited_greedy) are mapped to Megatron-core names and loaded, strictly, into a Megatron-core MLA GPT built on
+greedy softmax top-k, a shared expert, a dense first layer; group_limited_greedy) are mapped to
+Megatron-core names and loaded, strictly, into a Megatron-core MLA GPT built on
 CPU from the mapped fields with Megatron's own block spec (local layers, MoELayer + TopKRouter,
 SharedExpertMLP, dense MLP layers) and the project's SDPA core attention. Checked: names and shapes
 equal what Megatron-core builds, HF -> Megatron -> HF is bit-identical, logits equal HF's (1e-4,
