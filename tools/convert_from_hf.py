@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Import a Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE directory as a Megatron-core checkpoint.
+"""Import a Hugging Face Mixtral / Qwen3-MoE / Qwen2-MoE / OLMoE / DeepSeek-V2/V3 directory as a
+Megatron-core checkpoint.
 
     python tools/convert_from_hf.py --hf-dir hf/smoke --output runs/imported \\
         --tensor-model-parallel-size 1 --expert-model-parallel-size 2

@@ -37,9 +37,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--load", required=True, help="checkpoint root (uses the latest tracker) or an iter_N directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
     parser.add_argument("--architecture", default="auto",
-                        choices=["auto", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"],
-                        help="auto: deepseek_v3 for multi-latent attention, olmoe for projection-wide "
-                             "QK-norm, qwen2_moe for a shared expert, qwen3_moe for per-head QK-norm, "
+                        choices=["auto", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3",
+                                 "deepseek_v2"],
+                        help="auto: for multi-latent attention deepseek_v3 (sigmoid router) or "
+                             "deepseek_v2 (pre-softmax router), olmoe for projection-wide QK-norm, "
+                             "qwen2_moe for a shared expert, qwen3_moe for per-head QK-norm, "
                              "mixtral otherwise")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the written weights (auto: as stored in the checkpoint)")

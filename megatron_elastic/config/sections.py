@@ -63,6 +63,16 @@ class ModelConfig:
     qk_head_dim: Optional[int] = None  # per-head query/key dims without position embedding
     qk_pos_emb_head_dim: Optional[int] = None  # per-head rotary dims (a key part shared by heads)
     v_head_dim: Optional[int] = None
+    # MLA's RoPE (Megatron-core MLATransformerConfig names): "rope", or "yarn" (YaRN context
+    # extension, as DeepSeek-V2/V3 release it) with its scaling factor, pretraining context, ramp
+    # bounds and attention-scale exponents; the yarn fields are used only with rope_type yarn.
+    rope_type: str = "rope"
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
     # DeepSeek-style routing (sigmoid scores): a selection-only expert bias updated by Megatron's
     # aux-loss-free balancing (rate 0 keeps it fixed), group-limited top-k, a gate scale.
     moe_router_enable_expert_bias: bool = False

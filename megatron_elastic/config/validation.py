@@ -339,6 +339,23 @@ def _validate_elastic(cfg) -> None:
                 raise ConfigError(f"elastic.eval_k value {k!r} must be an int in [1, {n}]")
 
 
+def _validate_rope_type(m) -> None:
+    """model.rope_type: plain RoPE, or YaRN (Megatron-core builds it inside MLA only)."""
+    if m.rope_type not in ("rope", "yarn"):
+        raise ConfigError(f"model.rope_type={m.rope_type!r} must be 'rope' or 'yarn'")
+    if m.rope_type != "yarn":
+        return
+    if not m.multi_latent_attention:
+        raise ConfigError("model.rope_type=yarn is built by Megatron-core's multi-latent attention only: set "
+                          "model.multi_latent_attention=true, or model.rope_type=rope")
+    if not isinstance(m.original_max_position_embeddings, int) or m.original_max_position_embeddings < 1:
+        raise ConfigError(f"model.original_max_position_embeddings={m.original_max_position_embeddings!r}: YaRN "
+                          "needs the pretraining context length (a positive int)")
+    if not m.rotary_scaling_factor > 0 or not m.beta_fast > 0 or not m.beta_slow > 0:
+        raise ConfigError(f"model.rotary_scaling_factor={m.rotary_scaling_factor}, beta_fast={m.beta_fast}, "
+                          f"beta_slow={m.beta_slow}: YaRN needs positive values")
+
+
 def _validate_mla_and_sigmoid_routing(cfg) -> None:
     """Multi-latent attention and DeepSeek-style routing (expert bias, group-limited top-k)."""
     m, e = cfg.model, cfg.elastic
@@ -357,6 +374,7 @@ def _validate_mla_and_sigmoid_routing(cfg) -> None:
             raise ConfigError(
                 f"model.num_query_groups={m.num_query_groups}: multi-latent attention has one key/value "
                 f"head per query head; set model.num_query_groups={m.num_attention_heads}")
+    _validate_rope_type(m)
     if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
         raise ConfigError("model.moe_router_enable_expert_bias=true needs "
                           "model.moe_router_score_function=sigmoid (Megatron-core's aux-loss-free balancing)")

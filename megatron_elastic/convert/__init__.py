@@ -1,6 +1,6 @@
 """Hugging Face conversion: Megatron-core distributed checkpoints <-> Mixtral / Qwen3-MoE /
-Qwen2-MoE / OLMoE / DeepSeek-V3 (multi-latent attention: ``deepseek_v3`` maps it, ``deepseek_v3_io``
-converts it).
+Qwen2-MoE / OLMoE / DeepSeek-V2/V3 (multi-latent attention: ``deepseek_v3`` maps both, ``deepseek_v3_io``
+converts them).
 
 * ``to_hf.convert_megatron_to_hf``: a checkpoint saved under any tensor/expert-parallel layout
   -> a ``transformers`` model directory (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` for

@@ -1,5 +1,5 @@
-"""DeepSeek-V3 family (transformers ``DeepseekV3ForCausalLM``) <-> Megatron-core MLA MoE GPT:
-model fields and tensor layouts, as pure functions on configs and tensors.
+"""DeepSeek-V2/V3 family (transformers ``DeepseekV3ForCausalLM`` and ``DeepseekV2ForCausalLM``) <->
+Megatron-core MLA MoE GPT: model fields and tensor layouts, as pure functions on configs and tensors.
 
 Covers DeepSeek-V3 itself, V2-Lite-like configs (``q_lora_rank: null``, one expert group) and
 Moonlight: multi-latent attention (MLA), sigmoid router scores with a selection-only expert bias
@@ -66,6 +66,25 @@ They differ in two places, so such k are refused rather than silently computing 
 * at k = 1 Megatron keeps the raw sigmoid score while HF with norm_topk_prob renormalises it to 1;
   and Megatron always renormalises for k > 1, so norm_topk_prob: false is not expressible.
 
+DeepSeek-V2 (``DeepseekV2ForCausalLM``: DeepSeek-V2, V2-Lite) has the same tensors without the
+expert bias and routes with softmax over all experts, top-k, no renormalisation, times
+routed_scaling_factor: Megatron's pre-softmax router (``moe_router_pre_softmax``), equal at every k
+for ``topk_method: greedy``. ``group_limited_greedy`` ranks groups by their best score (top-1), so
+it matches Megatron's top-(k // topk_group) only where k // topk_group == 1. transformers' V2 ignores
+``norm_topk_prob``, which DeepSeek's own V2 code honours: true is refused as ambiguous.
+
+RoPE scaling ``yarn`` (DeepSeek's released configs) maps onto Megatron-core MLA's YaRN fields
+(``yarn_fields``): the same frequency ramp (inv_freq blend between beta_fast and beta_slow
+rotations of the original context), the same cos/sin factor mscale(f, mscale) / mscale(f,
+mscale_all_dim) and the same softmax scale mscale(f, mscale_all_dim)^2 / sqrt(d_q). transformers
+uses mscale only when mscale_all_dim is also set, Megatron always: the import writes the values
+Megatron needs for transformers' result.
+
+Released checkpoints also hold multi-token-prediction layers (``num_nextn_predict_layers``: layer
+indices >= num_hidden_layers); Megatron-core's MTP is not built here, so ``mtp_tensor_names`` lets
+the import skip them, and FP8 weights (``quantization_config`` fp8 with per-block
+``weight_scale_inv``) are dequantized by ``dequantize_fp8``.
+
 Elastic k counts routed experts only; shared experts always run; dense layers have no router.
 """
 
@@ -81,6 +100,7 @@ from megatron_elastic.convert import ConversionError, MissingTensorError, ShapeM
 
 ARCH = "deepseek_v3"
 HF_CLASS = "DeepseekV3ForCausalLM"
+ARCH_V2, HF_CLASS_V2 = "deepseek_v2", "DeepseekV2ForCausalLM"
 # DeepseekV3RMSNorm's default epsilon, which the q/kv latent norms use whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
 
@@ -106,6 +126,7 @@ class DeepseekShape:
     vocab_size: int
     tied_embeddings: bool
     rope_interleave: bool
+    expert_bias: bool = True  # V3's e_score_correction_bias; V2 has none
 
     @property
     def q_head_dim(self) -> int:
@@ -137,8 +158,15 @@ def shape_from_hf(config) -> DeepseekShape:
         first_k_dense_replace=int(config.first_k_dense_replace or 0),
         vocab_size=int(config.vocab_size),
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        # V2 always rotates interleaved pairs (complex multiplication), Megatron's layout.
         rope_interleave=bool(getattr(config, "rope_interleave", True)),
+        expert_bias=not is_v2(config),
     )
+
+
+def is_v2(config) -> bool:
+    """A ``DeepseekV2Config`` (softmax router, no expert bias) rather than a V3 one."""
+    return getattr(config, "model_type", None) == "deepseek_v2"
 
 
 def hf_param_shapes(shape: DeepseekShape) -> Dict[str, Tuple[int, ...]]:
@@ -166,7 +194,8 @@ def hf_param_shapes(shape: DeepseekShape) -> Dict[str, Tuple[int, ...]]:
             out.update({m + "gate_proj.weight": (f, h), m + "up_proj.weight": (f, h), m + "down_proj.weight": (h, f)})
             continue
         out[m + "gate.weight"] = (shape.num_experts, h)
-        out[m + "gate.e_score_correction_bias"] = (shape.num_experts,)
+        if shape.expert_bias:
+            out[m + "gate.e_score_correction_bias"] = (shape.num_experts,)
         f = shape.moe_intermediate_size
         for j in range(shape.num_experts):
             e = f"{m}experts.{j}."
@@ -210,7 +239,8 @@ def megatron_param_shapes(shape: DeepseekShape) -> Dict[str, Tuple[int, ...]]:
             out[m + "linear_fc2.weight"] = (h, shape.intermediate_size)
             continue
         out[m + "router.weight"] = (shape.num_experts, h)
-        out[m + "router.expert_bias"] = (shape.num_experts,)
+        if shape.expert_bias:
+            out[m + "router.expert_bias"] = (shape.num_experts,)
         f = shape.moe_intermediate_size
         for j in range(shape.num_experts):
             out[f"{m}experts.local_experts.{j}.linear_fc1.weight"] = (2 * f, h)
@@ -228,31 +258,41 @@ def megatron_param_shapes(shape: DeepseekShape) -> Dict[str, Tuple[int, ...]]:
 def check_supported(config, source: str = "config.json") -> None:
     """Refuse what the Megatron-core MLA model cannot reproduce exactly (each would change outputs)."""
     problems = []
+    family = "DeepSeek-V2" if is_v2(config) else "DeepSeek-V3"
     if getattr(config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={config.hidden_act} (SwiGLU with silu only)")
     if getattr(config, "attention_bias", False):
         problems.append("attention_bias=true (the Megatron model has no linear biases)")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"RoPE scaling {rope_type!r} (plain RoPE only; Megatron's MLA YaRN is not "
-                        "mapped to transformers' yet)")
+    try:
+        yarn_fields(config)
+    except ConversionError as exc:
+        problems.append(str(exc))
     if not math.isclose(float(config.rms_norm_eps), LATENT_NORM_EPS, rel_tol=0, abs_tol=1e-12):
         problems.append(f"rms_norm_eps={config.rms_norm_eps}: transformers' q/kv latent norms always use "
                         f"{LATENT_NORM_EPS} while Megatron uses one epsilon for every norm")
-    if not getattr(config, "norm_topk_prob", True):
+    if is_v2(config):
+        if getattr(config, "mlp_bias", False):
+            problems.append("mlp_bias=true (the Megatron model has no linear biases)")
+        if config.topk_method not in ("greedy", "group_limited_greedy"):
+            problems.append(f"topk_method={config.topk_method!r} (greedy and group_limited_greedy map)")
+        if getattr(config, "norm_topk_prob", False):
+            problems.append("norm_topk_prob=true (transformers' DeepseekV2 ignores it while DeepSeek's own "
+                            "code renormalises: ambiguous, so not converted)")
+    elif not getattr(config, "norm_topk_prob", True):
         problems.append("norm_topk_prob=false (Megatron's sigmoid router always renormalises the selected "
                         "gates for k > 1)")
     n_group = int(config.n_group or 1)
     if config.n_routed_experts % n_group:
         problems.append(f"n_routed_experts={config.n_routed_experts} not divisible by n_group={n_group}")
     if problems:
-        raise ConversionError(f"{source}: unsupported DeepSeek-V3 features: " + "; ".join(problems))
+        raise ConversionError(f"{source}: unsupported {family} features: " + "; ".join(problems))
     check_inference_k(config, int(config.num_experts_per_tok), source)
 
 
 def group_limit_is_active(config) -> bool:
     """Whether group-limited routing can exclude any expert (else it is a no-op)."""
+    if is_v2(config) and config.topk_method != "group_limited_greedy":
+        return False  # V2's greedy top-k ignores n_group / topk_group
     n_group, topk_group = int(config.n_group or 1), int(config.topk_group or 1)
     return n_group > 1 and topk_group < n_group
 
@@ -260,10 +300,14 @@ def group_limit_is_active(config) -> bool:
 def supported_inference_k(config) -> List[int]:
     """Every k' at which the Megatron-core router computes exactly what HF's computes."""
     experts = int(config.n_routed_experts)
-    ks = range(2, experts + 1) if getattr(config, "norm_topk_prob", True) else range(1, 2)
+    # V2's softmax router never renormalises: every k agrees; V3 renormalises (differently at k=1).
+    ks = range(1, experts + 1) if is_v2(config) else range(2, experts + 1) if getattr(
+        config, "norm_topk_prob", True) else range(1, 2)
     if group_limit_is_active(config):
+        # Megatron ranks groups by their top-(k // topk_group) scores; V3 by their top-2, V2 by the max.
+        width = 1 if is_v2(config) else 2
         topk_group, per_group = int(config.topk_group), experts // int(config.n_group)
-        ks = [k for k in ks if k // topk_group == 2 and k <= topk_group * per_group]
+        ks = [k for k in ks if k // topk_group == width and k <= topk_group * per_group]
     return list(ks)
 
 
@@ -272,14 +316,14 @@ def check_inference_k(config, k: int, source: str = "config.json") -> None:
     if k in supported_inference_k(config):
         return
     allowed = supported_inference_k(config)
-    if k == 1 and getattr(config, "norm_topk_prob", True):
+    if k == 1 and not is_v2(config) and getattr(config, "norm_topk_prob", True):
         why = ("at k=1 Megatron-core's sigmoid router keeps the raw score while transformers' "
                "renormalises it to 1 (norm_topk_prob)")
     elif group_limit_is_active(config):
         why = (f"with group-limited routing (n_group={config.n_group}, topk_group={config.topk_group}) "
                f"Megatron-core ranks groups by their top-(k // topk_group) scores and transformers by their "
-               f"top-2, so they select the same experts only where k // topk_group == 2 (and k fits in "
-               f"the selected groups)")
+               f"top-{1 if is_v2(config) else 2}, so they select the same experts only where k // topk_group == "
+               f"{1 if is_v2(config) else 2} (and k fits in the selected groups)")
     else:
         why = f"k must lie in [2, n_routed_experts={config.n_routed_experts}]"
     raise ConversionError(
@@ -303,8 +347,72 @@ def _ranges(values: Iterable[int]) -> str:
     return ", ".join(out)
 
 
+# ------------------------------------------------------------------------------ RoPE scaling
+YARN_KEYS = ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim")
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_fields(config) -> dict:
+    """Megatron-core MLA RoPE fields (``rope_type`` + ``YARN_KEYS`` for yarn) reproducing the HF
+    config's ``rope_parameters``; ConversionError for what Megatron computes differently.
+
+    transformers (modeling_rope_utils._compute_yarn_parameters, yarn_apply_mscale): cos/sin times
+    mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set, else mscale(f, 1); softmax
+    scale times mscale(f, mscale_all_dim)^2 when mscale_all_dim is set. Megatron
+    (YarnRotaryEmbedding, MLASelfAttention): always the ratio, and always the softmax factor.
+    """
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {"rope_type": "rope", "rotary_base": theta}
+    if rope_type != "yarn":
+        raise ConversionError(f"RoPE scaling {rope_type!r} (plain RoPE and yarn map to Megatron-core's MLA)")
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise ConversionError("RoPE scaling 'yarn' without original_max_position_embeddings")
+    factor = rope.get("factor") or float(config.max_position_embeddings) / float(original)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale_all_dim and not mscale:
+        raise ConversionError(f"yarn mscale_all_dim={mscale_all_dim} without mscale: transformers then scales "
+                              "cos/sin by mscale(factor) alone, which Megatron-core's ratio cannot express")
+    if not mscale_all_dim:  # transformers ignores mscale here: Megatron's ratio with (1, 0) is mscale(f, 1)
+        mscale, mscale_all_dim = 1.0, 0.0
+    expected = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    if rope.get("attention_factor") is not None and not math.isclose(float(rope["attention_factor"]), expected,
+                                                                       rel_tol=1e-9):
+        raise ConversionError(f"yarn attention_factor={rope['attention_factor']} differs from the "
+                              f"mscale-derived {expected} that Megatron-core applies")
+    if rope.get("truncate", True) is False:
+        raise ConversionError("yarn truncate=false (Megatron-core's MLA rounds the ramp bounds to integers)")
+    return {"rope_type": "yarn", "rotary_base": theta, "rotary_scaling_factor": float(factor),
+            "original_max_position_embeddings": int(original),
+            "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+            "mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim)}
+
+
+def hf_rope_parameters(fields: Mapping) -> dict:
+    """Inverse of ``yarn_fields``: transformers' ``rope_parameters``."""
+    if fields.get("rope_type", "rope") == "rope":
+        return {"rope_type": "default", "rope_theta": float(fields["rotary_base"])}
+    if float(fields["mscale_all_dim"]) == 0 and float(fields["mscale"]) != 1:
+        raise ConversionError(
+            f"yarn mscale={fields['mscale']} with mscale_all_dim=0: transformers ignores mscale unless "
+            "mscale_all_dim is set, so this model has no transformers equivalent")
+    return {"rope_type": "yarn", "rope_theta": float(fields["rotary_base"]),
+            "factor": float(fields["rotary_scaling_factor"]),
+            "original_max_position_embeddings": int(fields["original_max_position_embeddings"]),
+            "beta_fast": float(fields["beta_fast"]), "beta_slow": float(fields["beta_slow"]),
+            "mscale": float(fields["mscale"]), "mscale_all_dim": float(fields["mscale_all_dim"])}
+
+
 def megatron_fields(config) -> dict:
-    """Megatron-core ``MLATransformerConfig`` fields (Megatron-LM names) for an HF DeepseekV3Config.
+    """Megatron-core ``MLATransformerConfig`` fields (Megatron-LM names) for an HF DeepseekV3Config
+    or DeepseekV2Config.
 
     ``moe_layer_freq`` is the explicit 0/1 pattern (0 = dense), ``moe_router_num_groups`` /
     ``moe_router_group_topk`` are left unset where the group limit is a no-op (so elastic k is
@@ -312,8 +420,8 @@ def megatron_fields(config) -> dict:
     Megatron's aux-loss-free balancing when training continues.
     """
     shape = shape_from_hf(config)
-    rope = dict(getattr(config, "rope_parameters", None) or {})
     active = group_limit_is_active(config)
+    v2 = is_v2(config)
     return {
         "num_layers": shape.num_layers,
         "hidden_size": shape.hidden_size,
@@ -328,20 +436,20 @@ def megatron_fields(config) -> dict:
         "qk_pos_emb_head_dim": shape.qk_rope_head_dim,
         "v_head_dim": shape.v_head_dim,
         "qk_layernorm": True,  # MLA's q/kv latent norms (IdentityOp otherwise)
-        "rope_type": "rope",
-        "rotary_base": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        **yarn_fields(config),
         "num_moe_experts": shape.num_experts,
         "moe_ffn_hidden_size": shape.moe_intermediate_size,
         "moe_shared_expert_intermediate_size": shape.shared_intermediate_size or None,
         "moe_layer_freq": [0 if i < shape.first_k_dense_replace else 1 for i in range(shape.num_layers)],
         "moe_router_topk": int(config.num_experts_per_tok),
-        "moe_router_score_function": "sigmoid",
-        "moe_router_enable_expert_bias": True,
+        # V2: softmax over all experts, top-k, no renormalisation (Megatron's pre-softmax router).
+        "moe_router_score_function": "softmax" if v2 else "sigmoid",
+        "moe_router_enable_expert_bias": not v2,
         "moe_router_bias_update_rate": 1e-3,
         "moe_router_num_groups": int(config.n_group) if active else None,
         "moe_router_group_topk": int(config.topk_group) if active else None,
         "moe_router_topk_scaling_factor": float(config.routed_scaling_factor),
-        "moe_router_pre_softmax": False,
+        "moe_router_pre_softmax": v2,
         "moe_router_dtype": "fp32",
         "untie_embeddings_and_output_weights": not shape.tied_embeddings,
         "vocab_size": shape.vocab_size,
@@ -350,12 +458,29 @@ def megatron_fields(config) -> dict:
     }
 
 
+def hf_class_for(fields: Mapping) -> str:
+    """The transformers class computing what these Megatron router fields compute: V3 for the
+    sigmoid router, V2 for softmax over all experts without renormalisation (pre-softmax)."""
+    score, pre = fields.get("moe_router_score_function", "sigmoid"), bool(fields.get("moe_router_pre_softmax"))
+    if score == "sigmoid" and not pre:
+        return HF_CLASS
+    if score == "softmax" and pre and not fields.get("moe_router_enable_expert_bias"):
+        return HF_CLASS_V2
+    raise ConversionError(
+        f"moe_router_score_function={score}, moe_router_pre_softmax={pre}: DeepSeek-V3 routes with sigmoid "
+        "scores renormalised after top-k (sigmoid, pre_softmax false), DeepSeek-V2 with a softmax over all "
+        "experts and no renormalisation (softmax, pre_softmax true, no expert bias)")
+
+
 def hf_config_kwargs(fields: Mapping, rope_interleave: bool = True) -> dict:
-    """Inverse of ``megatron_fields``: ``DeepseekV3Config`` keyword arguments.
+    """Inverse of ``megatron_fields``: ``DeepseekV3Config`` keyword arguments, or
+    ``DeepseekV2Config`` ones where ``hf_class_for`` says V2.
 
     A no-op group limit comes back as n_group = topk_group = 1. ``rope_interleave`` true is
     Megatron's own RoPE layout (no row permutation); false makes ``megatron_to_hf`` reorder them.
+    Multi-token-prediction layers are never written (num_nextn_predict_layers = 0).
     """
+    v2 = hf_class_for(fields) == HF_CLASS_V2
     freq = list(fields["moe_layer_freq"])
     first_dense = freq.index(1) if 1 in freq else len(freq)
     if freq != [0] * first_dense + [1] * (len(freq) - first_dense):
@@ -370,9 +495,7 @@ def hf_config_kwargs(fields: Mapping, rope_interleave: bool = True) -> dict:
             f"moe_shared_expert_intermediate_size={shared} is not a multiple of moe_ffn_hidden_size={moe_ffn}: "
             "DeepSeek-V3 sizes its shared experts as n_shared_experts * moe_intermediate_size"
         )
-    if fields.get("moe_router_score_function", "sigmoid") != "sigmoid" or fields.get("moe_router_pre_softmax"):
-        raise ConversionError("DeepSeek-V3 routes with sigmoid scores, renormalised after top-k")
-    return dict(
+    kwargs = dict(
         vocab_size=int(fields["vocab_size"]),
         hidden_size=int(fields["hidden_size"]),
         intermediate_size=int(fields["ffn_hidden_size"]),
@@ -392,16 +515,20 @@ def hf_config_kwargs(fields: Mapping, rope_interleave: bool = True) -> dict:
         topk_group=int(fields.get("moe_router_group_topk") or 1),
         num_experts_per_tok=int(fields["moe_router_topk"]),
         first_k_dense_replace=first_dense,
-        norm_topk_prob=True,
+        norm_topk_prob=not v2,
         hidden_act="silu",
         max_position_embeddings=int(fields["max_position_embeddings"]),
         initializer_range=float(fields.get("init_method_std", 0.02)),
         rms_norm_eps=float(fields["layernorm_epsilon"]),
         tie_word_embeddings=not fields.get("untie_embeddings_and_output_weights", True),
-        rope_parameters={"rope_type": "default", "rope_theta": float(fields["rotary_base"])},
-        rope_interleave=rope_interleave,
+        rope_parameters=hf_rope_parameters(fields),
         attention_bias=False,
     )
+    if v2:
+        kwargs["topk_method"] = "group_limited_greedy" if fields.get("moe_router_num_groups") else "greedy"
+    else:
+        kwargs.update(rope_interleave=rope_interleave, num_nextn_predict_layers=0)
+    return kwargs
 
 
 # ------------------------------------------------------------------------------ RoPE row layout
@@ -466,7 +593,8 @@ def hf_to_megatron_layer(get: Callable[[str], torch.Tensor], shape: DeepseekShap
         return out
     out[mm + "router.weight"] = get(hm + "gate.weight")
     # Megatron keeps the bias in fp32 (TopKRouter._maintain_float32_expert_bias); so does HF.
-    out[mm + "router.expert_bias"] = get(hm + "gate.e_score_correction_bias")
+    if shape.expert_bias:
+        out[mm + "router.expert_bias"] = get(hm + "gate.e_score_correction_bias")
     for j in range(shape.num_experts):
         e = f"{hm}experts.{j}."
         out[f"{mm}experts.local_experts.{j}.linear_fc1.weight"] = torch.cat(
@@ -503,7 +631,8 @@ def megatron_to_hf_layer(get: Callable[[str], torch.Tensor], shape: DeepseekShap
                     hm + "down_proj.weight": get(mm + "linear_fc2.weight")})
         return out
     out[hm + "gate.weight"] = get(mm + "router.weight")
-    out[hm + "gate.e_score_correction_bias"] = get(mm + "router.expert_bias")
+    if shape.expert_bias:
+        out[hm + "gate.e_score_correction_bias"] = get(mm + "router.expert_bias")
     for j in range(shape.num_experts):
         e = f"{hm}experts.{j}."
         gate, up = get(f"{mm}experts.local_experts.{j}.linear_fc1.weight").chunk(2, dim=0)
@@ -520,6 +649,51 @@ def megatron_to_hf_layer(get: Callable[[str], torch.Tensor], shape: DeepseekShap
     out.update({e + "gate_proj.weight": gate.contiguous(), e + "up_proj.weight": up.contiguous(),
                 e + "down_proj.weight": down})
     return out
+
+
+def mtp_tensor_names(names: Iterable[str], shape: DeepseekShape) -> List[str]:
+    """The multi-token-prediction tensors among ``names``: DeepSeek stores its
+    num_nextn_predict_layers MTP modules as decoder layers numbered from num_hidden_layers on."""
+    out = []
+    for name in names:
+        parts = name.split(".")
+        if (len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) >= shape.num_layers):
+            out.append(name)
+    return out
+
+
+FP8_SCALE_SUFFIX = "_scale_inv"  # "<...>.weight_scale_inv" next to an fp8 "<...>.weight"
+
+
+def fp8_block_size(config) -> Optional[Tuple[int, int]]:
+    """(rows, cols) of a DeepSeek fp8 checkpoint's scale blocks; None without quantization;
+    ConversionError for a quantization this import does not undo."""
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    block = qc.get("weight_block_size")
+    if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3" or not block or len(block) != 2:
+        raise ConversionError(
+            f"quantization_config={qc}: only DeepSeek's block-wise fp8 (quant_method fp8, fmt e4m3, "
+            "weight_block_size [rows, cols]) is dequantized on import; convert other quantized checkpoints "
+            "to bf16 first")
+    return int(block[0]), int(block[1])
+
+
+def fp8_scale_shape(weight_shape: Tuple[int, ...], block: Tuple[int, int]) -> Tuple[int, int]:
+    return (-(-weight_shape[0] // block[0]), -(-weight_shape[1] // block[1]))
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """fp32 weight = fp8 weight * scale_inv of its (rows x cols) block (edge blocks may be partial)."""
+    if tuple(scale_inv.shape) != fp8_scale_shape(tuple(weight.shape), block):
+        raise ShapeMismatchError(f"fp8 scale_inv shape {tuple(scale_inv.shape)} does not tile weight "
+                                 f"{tuple(weight.shape)} in {block[0]}x{block[1]} blocks")
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
 
 
 _GLOBAL_HF_TO_MEGATRON = {
@@ -549,12 +723,14 @@ def _convert(state: Mapping[str, torch.Tensor], shape: DeepseekShape, to_megatro
     layer_fn = hf_to_megatron_layer if to_megatron else megatron_to_hf_layer
     for i in range(shape.num_layers):
         out.update(layer_fn(get, shape, i))
-    # Zero-width shared experts of an n_shared_experts=0 HF model carry no weights.
-    unused = sorted(k for k in set(state) - used if not (to_megatron and state[k].numel() == 0))
+    # Zero-width shared experts of an n_shared_experts=0 HF model carry no weights; MTP layers are
+    # not built here (callers skip them: mtp_tensor_names).
+    skipped = set(mtp_tensor_names(state, shape)) if to_megatron else set()
+    unused = sorted(k for k in set(state) - used - skipped if not (to_megatron and state[k].numel() == 0))
     if unused:
         raise ConversionError(
             f"{source} holds tensors the DeepSeek-V3 mapping does not use, e.g. {unused[:3]} "
-            "(multi-token-prediction layers, or a config that does not describe these weights)"
+            "(a config that does not describe these weights)"
         )
     for name, value in out.items():
         _checked(name, value, want[name])

@@ -1,9 +1,14 @@
-"""DeepSeek-V3 family import (HF directory -> Megatron checkpoint + recipe) and export (Megatron
-checkpoint -> ``DeepseekV3ForCausalLM`` directory).
+"""DeepSeek-V2/V3 family import (HF directory -> Megatron checkpoint + recipe) and export (Megatron
+checkpoint -> ``DeepseekV3ForCausalLM`` or ``DeepseekV2ForCausalLM`` directory).
 
 ``from_hf.convert_hf_to_megatron`` and ``to_hf.convert_megatron_to_hf`` hand DeepSeek models
-(``DeepseekV3ForCausalLM`` in, multi-latent-attention checkpoints out) to this module; the
-tensor layouts and the config fields are ``deepseek_v3``'s pure functions.
+(``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM`` in, multi-latent-attention checkpoints out)
+to this module; the tensor layouts and the config fields are ``deepseek_v3``'s pure functions. The
+export writes V3 for a sigmoid router and V2 for a pre-softmax one (``deepseek_v3.hf_class_for``).
+
+Released checkpoints: multi-token-prediction layers are skipped with a printed note (Megatron-core's
+MTP is not built here; the export writes num_nextn_predict_layers = 0), and block-wise fp8 weights
+are dequantized to the recipe's dtype as they are copied in.
 
 The import copies the weights into the project's own model (``models/gpt.build_model``) and saves
 it with the trainer's checkpoint code, like the Mixtral / Qwen3-MoE import, so the recipe trains
@@ -12,16 +17,13 @@ process (``dist_checkpointing`` reshards any saved layout) and maps its ``state_
 the whole model once plus the safetensors shard being filled, not one layer at a time as in the
 Mixtral / Qwen3-MoE export.
 
-The model here has no shared experts and no dense layers yet (``model.moe_shared_expert_intermediate_size``
-/ ``model.moe_layer_freq`` are not recipe keys), so a DeepSeek model with either is refused with
-that reason; the mapping itself handles both (tests/convert/test_deepseek_v3.py checks it against
-a Megatron-core model that has them).
+Shared experts and dense first layers are the model section's ``moe_shared_expert_intermediate_size``
+(ungated) and ``moe_layer_freq`` (a 0/1 list), the keys Qwen2-MoE uses too.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import shutil
 import time
@@ -34,14 +36,7 @@ from megatron_elastic.config import Config, ConfigError
 from megatron_elastic.convert import ConversionError, ShapeMismatchError
 from megatron_elastic.convert import deepseek_v3 as ds
 
-# Recipe keys the project's model section does not have on every branch (see the module docstring).
 _SHARED_KEY, _FREQ_KEY = "moe_shared_expert_intermediate_size", "moe_layer_freq"
-
-
-def _model_keys() -> set:
-    from megatron_elastic.config.sections import ModelConfig
-
-    return {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 # ------------------------------------------------------------------------------ config <-> recipe
@@ -50,21 +45,7 @@ def recipe_model_section(hf, source: str) -> dict:
     ds.check_supported(hf, source)
     f = ds.megatron_fields(hf)
     shape = ds.shape_from_hf(hf)
-    keys = _model_keys()
-    missing = []
-    if shape.n_shared_experts and _SHARED_KEY not in keys:
-        missing.append(f"shared experts (n_shared_experts={shape.n_shared_experts}) need model.{_SHARED_KEY}")
-    if shape.first_k_dense_replace and _FREQ_KEY not in keys:
-        missing.append(f"dense first layers (first_k_dense_replace={shape.first_k_dense_replace}) need "
-                       f"model.{_FREQ_KEY}")
-    if missing:
-        raise ConversionError(
-            f"{source}: the Megatron model here cannot build this DeepSeek-V3 model yet: "
-            + "; ".join(missing)
-            + ", which this version's models/gpt.py does not have. The tensor mapping supports them "
-            "(convert/deepseek_v3.py); models without shared experts and with first_k_dense_replace=0 "
-            "import today"
-        )
+    v2 = ds.is_v2(hf)
     max_pos = int(f["max_position_embeddings"])
     model = {
         "num_layers": f["num_layers"],
@@ -85,13 +66,17 @@ def recipe_model_section(hf, source: str) -> dict:
         "num_moe_experts": f["num_moe_experts"],
         "moe_ffn_hidden_size": f["moe_ffn_hidden_size"],
         "moe_router_topk": f["moe_router_topk"],
-        "moe_router_score_function": "sigmoid",
-        "moe_router_pre_softmax": False,
-        # DeepSeek-V3 balances with the expert bias (aux-loss-free, update speed 1e-3), not an aux loss.
-        "moe_router_load_balancing_type": "none",
-        "moe_aux_loss_coeff": 0.0,
+        "moe_router_score_function": f["moe_router_score_function"],
+        "moe_router_pre_softmax": f["moe_router_pre_softmax"],
+        # DeepSeek-V3 balances with the expert bias (aux-loss-free, update speed 1e-3), not an aux loss;
+        # DeepSeek-V2 with an expert-level aux loss (aux_loss_alpha, 0.001 in V2-Lite).
+        "moe_router_load_balancing_type": "aux_loss" if v2 else "none",
+        "moe_aux_loss_coeff": float(getattr(hf, "aux_loss_alpha", 0.001) or 0.0) if v2 else 0.0,
         "moe_router_dtype": "fp32",
+        "rope_type": f["rope_type"],
     }
+    if f["rope_type"] == "yarn":
+        model.update({key: f[key] for key in ds.YARN_KEYS})
     for key in ("multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
                 "v_head_dim", "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
                 "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor"):
@@ -133,15 +118,14 @@ def recipe_from_hf(hf, output: Optional[Path], tensor_model_parallel_size: int, 
 def fields_from_recipe(cfg: Config, vocab_size: int) -> dict:
     """``ds.megatron_fields``' vocabulary from a recipe (the export's view of the model)."""
     m = cfg.model
-    keys = _model_keys()
     return {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
         "ffn_hidden_size": m.ffn_hidden_size or m.moe_ffn_hidden_size, "layernorm_epsilon": m.norm_epsilon,
         "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_head_dim": m.qk_head_dim,
         "qk_pos_emb_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim, "rotary_base": m.rotary_base,
         "num_moe_experts": m.num_moe_experts, "moe_ffn_hidden_size": m.moe_ffn_hidden_size,
-        _SHARED_KEY: getattr(m, _SHARED_KEY) if _SHARED_KEY in keys else None,
-        _FREQ_KEY: _layer_pattern(getattr(m, _FREQ_KEY), m.num_layers) if _FREQ_KEY in keys else [1] * m.num_layers,
+        _SHARED_KEY: m.moe_shared_expert_intermediate_size,
+        _FREQ_KEY: m.moe_layer_pattern,
         "moe_router_topk": cfg.default_eval_k, "moe_router_score_function": m.moe_router_score_function,
         "moe_router_pre_softmax": m.moe_router_pre_softmax,
         "moe_router_enable_expert_bias": m.moe_router_enable_expert_bias,
@@ -150,20 +134,13 @@ def fields_from_recipe(cfg: Config, vocab_size: int) -> dict:
         "untie_embeddings_and_output_weights": m.untie_embeddings_and_output_weights,
         "vocab_size": vocab_size, "max_position_embeddings": m.max_position_embeddings or m.seq_length,
         "init_method_std": m.init_method_std,
+        "rope_type": m.rope_type, **{key: getattr(m, key) for key in ds.YARN_KEYS},
     }
 
 
-def _layer_pattern(freq, num_layers: int) -> list:
-    """Megatron's moe_layer_freq (an int N: every N-th layer is MoE; or a 0/1 list) as a list."""
-    if freq is None:
-        return [1] * num_layers
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
-    return [int(x) for x in freq]
-
-
 def check_exportable(cfg: Config) -> None:
-    """Refuse a multi-latent-attention recipe DeepseekV3ForCausalLM would compute differently."""
+    """Refuse a multi-latent-attention recipe DeepseekV3ForCausalLM / DeepseekV2ForCausalLM would
+    compute differently."""
     m = cfg.model
     problems = []
     if not m.qk_layernorm:
@@ -173,11 +150,14 @@ def check_exportable(cfg: Config) -> None:
     if abs(m.norm_epsilon - ds.LATENT_NORM_EPS) > 1e-12:
         problems.append(f"model.norm_epsilon={m.norm_epsilon} (transformers' latent norms always use "
                         f"{ds.LATENT_NORM_EPS})")
-    if m.moe_router_score_function != "sigmoid" or m.moe_router_pre_softmax:
-        problems.append("DeepSeek-V3 routes with sigmoid scores renormalised after top-k "
-                        "(model.moe_router_score_function=sigmoid, moe_router_pre_softmax=false)")
+    try:
+        ds.hf_class_for({"moe_router_score_function": m.moe_router_score_function,
+                         "moe_router_pre_softmax": m.moe_router_pre_softmax,
+                         "moe_router_enable_expert_bias": m.moe_router_enable_expert_bias})
+    except ConversionError as exc:
+        problems.append(str(exc))
     if problems:
-        raise ConversionError("cannot export as DeepseekV3ForCausalLM: " + "; ".join(problems))
+        raise ConversionError("cannot export as DeepseekV3ForCausalLM or DeepseekV2ForCausalLM: " + "; ".join(problems))
 
 
 # ------------------------------------------------------------------------------ import
@@ -201,7 +181,13 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
     shape = ds.shape_from_hf(hf)
     check_tokenizer_fits(hf_dir, shape.vocab_size)
     weights = HFWeights(hf_dir)
-    _check_hf_weights(weights, shape, str(hf_dir))  # every tensor located and shape-checked first
+    fp8_block = ds.fp8_block_size(hf)
+    skipped = _check_hf_weights(weights, shape, str(hf_dir), fp8_block)  # every tensor located and checked first
+    if skipped:
+        print(f"note: skipped {skipped} tensors of {int(getattr(hf, 'num_nextn_predict_layers', 0) or 0)} "
+              "multi-token-prediction layer(s): Megatron-core's MTP is not built by this project, so the "
+              "imported model predicts the next token only", flush=True)
+    get = _dequantizing_getter(weights, fp8_block)
     tmp = prepare_output(output, overwrite, protect=(hf_dir,))
     try:
         build_cfg = _one_process(cfg)
@@ -230,14 +216,14 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
                 num += 1
 
             with torch.no_grad():
-                put("embedding.word_embeddings.weight", weights.get("model.embed_tokens.weight"))
+                put("embedding.word_embeddings.weight", get("model.embed_tokens.weight"))
                 for i in tqdm(range(shape.num_layers), desc="HF -> Megatron", unit="layer", disable=not progress,
                               dynamic_ncols=True):
-                    for name, value in ds.hf_to_megatron_layer(weights.get, shape, i).items():
+                    for name, value in ds.hf_to_megatron_layer(get, shape, i).items():
                         put(name, value)
-                put("decoder.final_layernorm.weight", weights.get("model.norm.weight"))
+                put("decoder.final_layernorm.weight", get("model.norm.weight"))
                 if not shape.tied_embeddings:
-                    put("output_layer.weight", weights.get("lm_head.weight"))
+                    put("output_layer.weight", get("lm_head.weight"))
             if state:
                 raise RuntimeError(f"internal: tensors left unset: {sorted(state)[:5]}")
             weights.close()
@@ -255,14 +241,46 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
         recipe.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(output / CONFIG_NAME, recipe)
     return ImportResult(output=output, checkpoint_dir=output / "iter_0000000", config_path=recipe,
-                        architecture=ds.ARCH, config=cfg, num_tensors=num, seconds=time.time() - start)
+                        architecture=ds.ARCH_V2 if ds.is_v2(hf) else ds.ARCH, config=cfg, num_tensors=num,
+                        seconds=time.time() - start)
 
 
-def _check_hf_weights(weights, shape: ds.DeepseekShape, source: str) -> None:
+def _dequantizing_getter(weights, block):
+    """``weights.get``, with fp8 weights multiplied by their block scales (fp32 out; ``put`` casts
+    to the model's dtype); an fp8 tensor without a scale is refused (casting it would be wrong)."""
+    names = set(weights.names())
+
+    def get(name: str) -> torch.Tensor:
+        value = weights.get(name)
+        if block is not None and name + ds.FP8_SCALE_SUFFIX in names:
+            return ds.dequantize_fp8(value, weights.get(name + ds.FP8_SCALE_SUFFIX), block)
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ConversionError(
+                f"{weights.dir}: {name} is stored as {value.dtype} without a {name}{ds.FP8_SCALE_SUFFIX} "
+                "(or config.json has no fp8 quantization_config): its real values are unknown")
+        return value
+
+    return get
+
+
+def _check_hf_weights(weights, shape: ds.DeepseekShape, source: str, fp8_block=None) -> int:
+    """Every tensor present with its shape (fp8 scales tiling their weights); returns how many
+    multi-token-prediction tensors the import skips."""
     from megatron_elastic.convert import MissingTensorError
 
-    expected = ds.hf_param_shapes(shape)
+    expected = dict(ds.hf_param_shapes(shape))
     have = {name: tuple(weights.shape(name)) for name in weights.names()}
+    mtp = ds.mtp_tensor_names(have, shape)
+    for name in mtp:
+        del have[name]
+    if fp8_block is not None:
+        for name in [n for n in have if n.endswith(ds.FP8_SCALE_SUFFIX)]:
+            weight = name[: -len(ds.FP8_SCALE_SUFFIX)]
+            if weight in expected and len(expected[weight]) == 2:
+                expected[name] = ds.fp8_scale_shape(expected[weight], fp8_block)
+    elif any(n.endswith(ds.FP8_SCALE_SUFFIX) for n in have):
+        raise ConversionError(f"{source} holds fp8 scales (*{ds.FP8_SCALE_SUFFIX}) but config.json has no fp8 "
+                              "quantization_config with weight_block_size: the config does not describe the weights")
     # transformers writes the zero-width shared MLP of n_shared_experts=0; other writers may not.
     missing = [n for n, s in expected.items() if n not in have and 0 not in s]
     if missing:
@@ -272,11 +290,12 @@ def _check_hf_weights(weights, shape: ds.DeepseekShape, source: str) -> None:
             "save_pretrained, which writes one tensor per expert)")
     for name, got in have.items():
         if name not in expected:
-            raise ConversionError(f"{source} holds {name}, which the DeepSeek-V3 mapping does not use "
-                                  "(multi-token-prediction layers are not imported)")
+            raise ConversionError(f"{source} holds {name}, which the DeepSeek mapping does not use "
+                                  "(config.json does not describe these weights)")
         if got != expected[name]:
             raise ShapeMismatchError(f"shape mismatch for {name} in {source}: stored {got}, expected "
                                      f"{expected[name]} from config.json")
+    return len(mtp)
 
 
 def _one_process(cfg: Config) -> Config:
@@ -296,9 +315,10 @@ def _model_state(model) -> dict:
 
 # ------------------------------------------------------------------------------ export
 def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], output: Union[str, os.PathLike], *,
-                       dtype=None, max_shard_size="5GB", tokenizer_model=None, overwrite: bool = False,
+                       architecture: Optional[str] = None, dtype=None, max_shard_size="5GB", tokenizer_model=None,
+                       overwrite: bool = False,
                        progress: bool = True):
-    from transformers import DeepseekV3Config, GenerationConfig
+    from transformers import DeepseekV2Config, DeepseekV3Config, GenerationConfig
 
     from megatron_elastic.convert.from_hf import single_process_parallel
     from megatron_elastic.convert.hf_config import default_inference_k, elastic_metadata
@@ -313,8 +333,16 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
     if emb not in source.shapes:
         raise ConversionError(f"{source.description} has no '{emb}': is this a model checkpoint?")
     vocab = source.shapes[emb][0]
-    hf_kwargs = ds.hf_config_kwargs(fields_from_recipe(cfg, vocab))
-    hf = DeepseekV3Config(**hf_kwargs)
+    fields = fields_from_recipe(cfg, vocab)
+    hf_kwargs = ds.hf_config_kwargs(fields)
+    v2 = ds.hf_class_for(fields) == ds.HF_CLASS_V2
+    if architecture not in (None, "auto", ds.ARCH_V2 if v2 else ds.ARCH):
+        raise ConversionError(
+            f"--architecture {architecture}: this model's router (model.moe_router_score_function="
+            f"{cfg.model.moe_router_score_function}, moe_router_pre_softmax={cfg.model.moe_router_pre_softmax}) "
+            f"is {ds.ARCH_V2 if v2 else ds.ARCH}'s; export it as that (or auto)")
+    config_class = DeepseekV2Config if v2 else DeepseekV3Config
+    hf = config_class(**hf_kwargs)
     ds.check_supported(hf, "the checkpoint's config")
     for k in sorted({cfg.default_eval_k} | set(cfg.elastic.eval_k if isinstance(cfg.elastic.eval_k, list) else [])):
         ds.check_inference_k(hf, k, "the checkpoint's inference k")
@@ -331,7 +359,8 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
                                      f"'{emb}' has only {vocab} rows: the tokenizer does not belong to this model")
     output = Path(output)
     tmp = prepare_output(output, overwrite, (ckpt_dir,))
-    result = ExportResult(output=output, architecture=ds.ARCH, iteration=iteration, checkpoint_dir=ckpt_dir)
+    result = ExportResult(output=output, architecture=ds.ARCH_V2 if v2 else ds.ARCH, iteration=iteration,
+                          checkpoint_dir=ckpt_dir)
     try:
         build_cfg = _one_process(cfg)
         with single_process_parallel():
@@ -344,7 +373,7 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
             load_checkpoint(ckpt_dir, model, None, build_cfg, finetune=True)
             state = {k: v.detach() for k, v in _model_state(model).items() if not k.endswith("local_tokens_per_expert")}
             del model
-        if not cfg.model.moe_router_enable_expert_bias:
+        if not v2 and not cfg.model.moe_router_enable_expert_bias:
             # A router without the bias is DeepSeek's with a zero e_score_correction_bias.
             for name in list(state):
                 if name.endswith("mlp.router.weight"):
@@ -364,11 +393,11 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
         result.peak_tracked_bytes = result.max_group_bytes + result.max_shard_bytes
         result.shards = writer.finish()
         result.total_bytes = writer.total_bytes
-        config = DeepseekV3Config(
+        config = config_class(
             **{**hf_kwargs, "num_experts_per_tok": default_inference_k(cfg)},
             bos_token_id=special.get("bos"), eos_token_id=special.get("eos"), pad_token_id=special.get("pad"),
             dtype=str(out_dtype).replace("torch.", ""), elastic_moe=elastic_metadata(cfg, iteration))
-        config.architectures = [ds.HF_CLASS]
+        config.architectures = [ds.HF_CLASS_V2 if v2 else ds.HF_CLASS]
         config.save_pretrained(str(tmp))
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                          pad_token_id=config.pad_token_id).save_pretrained(str(tmp))

@@ -172,7 +172,7 @@ def convert_hf_to_megatron(
     raw = read_hf_config(hf_dir)
     source = str(hf_dir / "config.json")
     arch = mapping.architecture_from_hf_config(raw, source)
-    if arch == "deepseek_v3":  # multi-latent attention: its own module (convert/deepseek_v3_io.py)
+    if arch in ("deepseek_v3", "deepseek_v2"):  # multi-latent attention: its own module (convert/deepseek_v3_io.py)
         from megatron_elastic.convert.deepseek_v3_io import import_deepseek_v3
 
         return import_deepseek_v3(hf_dir, output, tensor_model_parallel_size=tensor_model_parallel_size,

@@ -64,11 +64,12 @@ MODEL_TYPE_TO_ARCH = {name: name for name in ARCHITECTURES}
 
 
 def architecture_from_hf_config(config: dict, source: str = "config.json") -> str:
-    """One of ``ARCHITECTURES`` or 'deepseek_v3' from a config.json dict; UnknownArchitectureError
-    otherwise."""
+    """One of ``ARCHITECTURES``, 'deepseek_v3' or 'deepseek_v2' from a config.json dict;
+    UnknownArchitectureError otherwise."""
     archs = config.get("architectures") or []
-    if "DeepseekV3ForCausalLM" in archs or (not archs and config.get("model_type") == "deepseek_v3"):
-        return "deepseek_v3"  # its own mapping and conversion: convert/deepseek_v3*.py
+    for name, arch in (("DeepseekV3ForCausalLM", "deepseek_v3"), ("DeepseekV2ForCausalLM", "deepseek_v2")):
+        if name in archs or (not archs and config.get("model_type") == arch):
+            return arch  # their own mapping and conversion: convert/deepseek_v3*.py
     for name in archs:
         if name in HF_CLASS_TO_ARCH:
             return HF_CLASS_TO_ARCH[name]
@@ -78,8 +79,8 @@ def architecture_from_hf_config(config: dict, source: str = "config.json") -> st
     found = ", ".join(archs) if archs else f"model_type={model_type!r}"
     raise UnknownArchitectureError(
         f"{source}: unknown architecture {found}; this converter maps "
-        f"{', '.join(sorted(HF_CLASS_TO_ARCH))}, DeepseekV3ForCausalLM (model_type "
-        f"{' / '.join(ARCHITECTURES)} / deepseek_v3)"
+        f"{', '.join(sorted(HF_CLASS_TO_ARCH))}, DeepseekV3ForCausalLM, DeepseekV2ForCausalLM (model_type "
+        f"{' / '.join(ARCHITECTURES)} / deepseek_v3 / deepseek_v2)"
     )
 
 

@@ -268,11 +268,13 @@ def convert_megatron_to_hf(
                 f"[1, num_moe_experts={m.num_moe_experts}]")
         cfg.elastic.eval_k = ks
     if cfg.model.multi_latent_attention:  # DeepSeek-V3: its own module (convert/deepseek_v3_io.py)
-        if architecture not in (None, "auto", "deepseek_v3"):
-            raise ConversionError(f"the model has multi-latent attention: it exports as deepseek_v3, not {architecture}")
+        if architecture not in (None, "auto", "deepseek_v3", "deepseek_v2"):
+            raise ConversionError(f"the model has multi-latent attention: it exports as deepseek_v3 (sigmoid router) "
+                                  f"or deepseek_v2 (pre-softmax router), not {architecture}")
         from megatron_elastic.convert.deepseek_v3_io import export_deepseek_v3
 
-        return export_deepseek_v3(ckpt_dir, cfg, iteration, output, dtype=dtype, max_shard_size=max_shard_size,
+        return export_deepseek_v3(ckpt_dir, cfg, iteration, output, architecture=architecture, dtype=dtype,
+                                  max_shard_size=max_shard_size,
                                   tokenizer_model=tokenizer_model, overwrite=overwrite, progress=progress)
     source = DistCheckpointSource(ckpt_dir)
     return export(source, cfg, output, iteration=iteration, architecture=architecture, dtype=dtype,

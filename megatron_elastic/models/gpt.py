@@ -113,13 +113,20 @@ def transformer_config(cfg: Config) -> TransformerConfig:
 
 
 def _mla_fields(cfg: Config) -> dict:
-    """MLATransformerConfig's own fields (plain RoPE: the model's ``rotary_base``)."""
+    """MLATransformerConfig's own fields (RoPE: plain, or YaRN with the model's yarn fields)."""
     m = cfg.model
     if not m.multi_latent_attention:
         return {}
-    return dict(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
-                qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_type="rope",
-                rotary_base=m.rotary_base)
+    fields = dict(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+                  qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_type=m.rope_type,
+                  rotary_base=m.rotary_base,
+                  # MLA scales the softmax by these even for plain RoPE: 1.0 / 0.0 leave it at 1/sqrt(d).
+                  rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+    if m.rope_type == "yarn":
+        fields.update(rotary_scaling_factor=m.rotary_scaling_factor, beta_fast=m.beta_fast, beta_slow=m.beta_slow,
+                      original_max_position_embeddings=m.original_max_position_embeddings, mscale=m.mscale,
+                      mscale_all_dim=m.mscale_all_dim)
+    return fields
 
 
 def layer_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = False,

@@ -26,6 +26,12 @@ def config(model=None, elastic=None):
     (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=True), None,
      r"moe_router_enable_expert_bias=true needs model.moe_router_score_function=sigmoid"),
     (dict(moe_router_num_groups=4), None, r"moe_router_num_groups and model.moe_router_group_topk go together"),
+    (dict(rope_type="ntk"), None, r"model.rope_type='ntk' must be 'rope' or 'yarn'"),
+    (dict(rope_type="yarn"), None, r"original_max_position_embeddings=None: YaRN needs the pretraining context"),
+    (dict(rope_type="yarn", original_max_position_embeddings=8, rotary_scaling_factor=0.0), None,
+     r"rotary_scaling_factor=0.0.*YaRN needs positive values"),
+    (dict(multi_latent_attention=False, num_query_groups=2, rope_type="yarn", original_max_position_embeddings=8),
+     None, r"rope_type=yarn is built by Megatron-core's multi-latent attention only"),
     (dict(moe_router_num_groups=3, moe_router_group_topk=2), None, r"divisible by model.moe_router_num_groups=3"),
     (dict(moe_router_num_groups=4, moe_router_group_topk=2), dict(schedule="layerwise", k_min=2, k_max=5),
      r"k values \[2, 3, 4, 5\] .* within one width, e.g. \[4, 5\]"),
@@ -84,3 +90,28 @@ def test_checkpoint_keys_are_the_transformer_engine_specs(one_process_parallel):
     assert "decoder.layers.self_attention.linear_q_up_proj.layer_norm_weight" in keys
     assert "decoder.layers.self_attention.linear_kv_up_proj.layer_norm_weight" in keys
     assert not any("q_layernorm" in k or "kv_layernorm" in k for k in keys)
+
+
+def test_yarn_fields_reach_megatrons_mla(one_process_parallel):
+    """model.rope_type=yarn builds Megatron-core's YarnRotaryEmbedding with the recipe's fields and
+    MLA's mscale_all_dim softmax factor; plain RoPE keeps 1/sqrt(d) (MLA's 40x default factor unused)."""
+    import math
+
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+
+    seed_all(1)
+    yarn = dict(rope_type="yarn", rotary_scaling_factor=40.0, original_max_position_embeddings=8, beta_fast=16.0,
+                beta_slow=2.0, mscale=0.9, mscale_all_dim=0.7, vocab_size=64)
+    attn = build_model(config(yarn), 64).decoder.layers[0].self_attention
+    rope = attn.rotary_pos_emb
+    assert isinstance(rope, YarnRotaryEmbedding)
+    assert (rope.scaling_factor, rope.original_max_position_embeddings, rope.beta_fast, rope.beta_slow, rope.mscale,
+            rope.mscale_all_dim) == (40.0, 8, 16.0, 2.0, 0.9, 0.7)
+    d = 8 + 4
+    assert math.isclose(attn.softmax_scale, (0.1 * 0.7 * math.log(40) + 1) ** 2 / math.sqrt(d))
+    plain = build_model(config(dict(vocab_size=64)), 64).decoder.layers[0].self_attention
+    assert not isinstance(plain.rotary_pos_emb, YarnRotaryEmbedding)
+    assert math.isclose(plain.softmax_scale, 1 / math.sqrt(d))
