@@ -29,7 +29,7 @@ IMPORTABLE = {
     "v3_yarn": VARIANTS["v3_yarn"],
     # DeepseekV2ForCausalLM shaped like DeepSeek-V2-Lite: greedy softmax routing, YaRN, a shared
     # expert and a dense first layer.
-    "hfv2_lite": VARIANTS["hfv2_lite"],
+    "hfv2_lite": {**VARIANTS["hfv2_lite"], "n_group": 1, "topk_group": 1},  # as V2-Lite's config.json
 }
 ELASTIC_K = {"shared_dense": [5], "grouped": [5], "plain_rope": [2, 6], "v3_yarn": [6], "hfv2_lite": [1, 6]}
 
@@ -380,9 +380,9 @@ V3_CONFIG = {
 
 
 @pytest.mark.parametrize("raw", [V2_LITE_CONFIG, V3_CONFIG], ids=["v2_lite", "v3"])
-def test_released_configs_map_except_shared_experts_and_dense_layers(tmp_path, raw):
-    """DeepSeek-V2-Lite's and DeepSeek-V3's own config.json: YaRN, routing, fp8 and MTP settings all
-    map; what still stops the import is only the shared experts / dense first layers (other branch)."""
+def test_released_configs_map_to_a_recipe(tmp_path, raw):
+    """DeepSeek-V2-Lite's and DeepSeek-V3's own config.json (published values): YaRN, routing, fp8,
+    MTP, shared experts and dense first layers all map to a recipe's model section."""
     from transformers import AutoConfig
 
     from megatron_elastic.convert import deepseek_v3 as ds
@@ -401,9 +401,7 @@ def test_released_configs_map_except_shared_experts_and_dense_layers(tmp_path, r
         assert ds.supported_inference_k(hf) == list(range(1, 65))
     else:
         assert ds.supported_inference_k(hf) == [8, 9, 10, 11]
-    keys = io._model_keys()
-    if not {io._SHARED_KEY, io._FREQ_KEY} <= keys:
-        with pytest.raises(ConversionError, match="shared experts .* dense first layers"):
-            io.recipe_model_section(hf, "config.json")
-    else:
-        assert io.recipe_model_section(hf, "config.json")["rope_type"] == "yarn"
+    model = io.recipe_model_section(hf, "config.json")
+    assert model["rope_type"] == "yarn"
+    assert model["moe_shared_expert_intermediate_size"] == raw["n_shared_experts"] * raw["moe_intermediate_size"]
+    assert model["moe_layer_freq"][:raw["first_k_dense_replace"] + 1] == [0] * raw["first_k_dense_replace"] + [1]
