@@ -1,0 +1,47 @@
+"""Pipeline parallelism through Megatron-core's schedules: the same model, data and weights give
+the same losses under one stage (no pipelining), two stages (1F1B) and two stages of two virtual
+chunks each (interleaved 1F1B), for a fixed k and for layer-wise elastic k with a candidate pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import run_distributed, tiny_overrides, train_run
+
+pytestmark = pytest.mark.slow
+
+# M-MoE layer-wise k in [1, 2] drawn per (iteration, micro-batch, global layer) + an EMoE
+# candidate pool and the router loss (configs/elastic_combined.yaml's kind of recipe).
+LAYERWISE = {"elastic.schedule": "layerwise", "elastic.k_min": 1, "elastic.k_max": 2,
+             "elastic.pool_ratio": 2.0, "elastic.router_loss_coeff": 1e-3}
+FIXED = {"elastic.schedule": "fixed", "elastic.k_min": 2, "elastic.k_max": 2}
+
+
+def _overrides(data, tmp_path, elastic: dict, layers: int, pp: int, vp=None) -> list:
+    return tiny_overrides(data, tmp_path, **elastic, **{
+        "model.num_layers": layers, "train.train_iters": 3, "train.eval_iters": 1,
+        "parallel.pipeline_model_parallel_size": pp,
+        "parallel.virtual_pipeline_model_parallel_size": "null" if vp is None else vp})
+
+
+@pytest.mark.parametrize("elastic", [FIXED, LAYERWISE], ids=["fixed_k", "layerwise_pool"])
+def test_two_stages_match_one(smoke_data, tmp_path, elastic):
+    one = run_distributed(train_run, 1, _overrides(smoke_data, tmp_path, elastic, 2, 1),
+                          tmp_dir=tmp_path)[0]
+    two = run_distributed(train_run, 2, _overrides(smoke_data, tmp_path, elastic, 2, 2),
+                          tmp_dir=tmp_path)
+    assert len(one["losses"]) == 3
+    for rank in two:  # every stage reports the last stage's losses
+        assert rank["losses"] == pytest.approx(one["losses"], abs=1e-5), (rank["losses"], one["losses"])
+        assert rank["valid"] == pytest.approx(one["valid"], abs=1e-5)
+
+
+@pytest.mark.parametrize("elastic", [FIXED, LAYERWISE], ids=["fixed_k", "layerwise_pool"])
+def test_interleaved_virtual_stages_match_one_stage(smoke_data, tmp_path, elastic):
+    one = run_distributed(train_run, 1, _overrides(smoke_data, tmp_path, elastic, 4, 1),
+                          tmp_dir=tmp_path)[0]
+    two = run_distributed(train_run, 2, _overrides(smoke_data, tmp_path, elastic, 4, 2, vp=2),
+                          tmp_dir=tmp_path)
+    for rank in two:
+        assert rank["losses"] == pytest.approx(one["losses"], abs=1e-5), (rank["losses"], one["losses"])
+        assert rank["valid"] == pytest.approx(one["valid"], abs=1e-5)
