@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_elastic.device import policy
 from megatron_elastic.training.schedule import ForwardHook  # noqa: F401 (re-exported)
 
 
@@ -49,7 +50,10 @@ def evaluation_loss_sums(model, reader, iterations: int, context, iteration_base
             c.train(mode)
         clear_aux_losses_tracker()
     if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+        # Reduced on the device: NCCL groups take device tensors only.
+        on_device = sums.to(policy().device)
+        dist.all_reduce(on_device, group=ps.get_pipeline_model_parallel_group())
+        sums = on_device.cpu()
     return sums
 
 
@@ -59,5 +63,6 @@ def evaluate(model, reader, iterations: int, context, iteration_base: int = 0) -
 
     sums = evaluation_loss_sums(model, reader, iterations, context, iteration_base)
     if dist.is_initialized():
+        sums = sums.to(policy().device)  # NCCL groups take device tensors only
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
     return float(sums[0] / sums[1].clamp(min=1.0))

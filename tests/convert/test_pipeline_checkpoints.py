@@ -1,7 +1,7 @@
-"""Checkpoints of a pipeline x expert parallel run (PP 2 x EP 2, 4 gloo ranks) reload under
-another layout and export to Hugging Face: resumed in one process (and the reverse: a one-process
-save resumed under PP 2 x EP 2) the loss trajectory continues the uninterrupted run's; the export
-holds every layer and expert, and transformers' logits equal the Megatron model's.
+"""Checkpoints of pipeline-parallel runs (PP 2 x EP 2 and TP 2 x PP 2, 4 gloo ranks each) reload
+under another layout and export to Hugging Face: resumed in one process (and the reverse: a
+one-process save resumed under PP 2 x EP 2) the loss trajectory continues the uninterrupted run's;
+the export holds every layer and expert, and transformers' logits equal the Megatron model's.
 
 Megatron-core's distributed checkpoints store global tensors (a stage's layer i at global layer
 offset + i, an EP rank's experts at their global indices), so the load of another layout reads
@@ -106,3 +106,17 @@ def test_one_process_save_resumes_under_pipeline_expert_parallel(smoke_data, tmp
         assert rank["iteration"] == 6
         assert first["losses"] + rank["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5), (
             first["losses"], rank["losses"], uninterrupted["losses"])
+
+
+def test_tensor_parallel_pipeline_save_resumes_in_one_process(smoke_data, tmp_path, uninterrupted):
+    """TP 2 (sequence parallel) x PP 2 trains on CPU too, and its tensor-parallel shards of each
+    stage's layers reload whole in one process."""
+    layout = {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": "true",
+              "parallel.pipeline_model_parallel_size": 2}
+    ckpt = tmp_path / "moved"
+    first = run_distributed(train_run, 4, _overrides(smoke_data, tmp_path, ckpt, layout), 3, tmp_dir=tmp_path)
+    second = run_distributed(train_run, 1, _overrides(smoke_data, tmp_path, ckpt, ONE), tmp_dir=tmp_path)[0]
+    assert second["iteration"] == 6
+    for rank in first:
+        assert rank["losses"] + second["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5), (
+            rank["losses"], second["losses"], uninterrupted["losses"])
