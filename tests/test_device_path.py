@@ -182,10 +182,11 @@ def _router_loss_grads(rank, world_size, overrides):
 
     cfg = load_config(SMOKE, overrides)
     try:
-        env, tokenizer, model, ddp, optimizer, dp_rank, dp_size = build(cfg)
+        env, tokenizer, chunks, ddp_chunks, optimizer, dp_rank, dp_size = build(cfg)
+        (model,), (ddp,) = chunks, ddp_chunks  # one pipeline stage: one model chunk
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0]))
         model.elastic_context.set(0, 0, 0)
         s = cfg.model.seq_length
         tokens = torch.randint(0, 500, (1, s), generator=torch.Generator().manual_seed(3))

@@ -297,9 +297,13 @@ def init_weights(model: GPTModel, cfg: Config) -> None:
             param.copy_(full.to(param.dtype))
 
 
-def _layer_offset(model: GPTModel) -> int:
+def _layer_offset(model: torch.nn.Module) -> int:
+    """Global index of the first decoder layer a (pipeline-stage) GPTModel holds; 0 for other
+    modules (e.g. a bare stack of layers, whose names carry no decoder prefix)."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+    if not hasattr(model, "decoder") or getattr(model, "config", None) is None:
+        return 0
     return get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))
 
 

@@ -18,6 +18,10 @@ FIXED = {"elastic.schedule": "fixed", "elastic.k_min": 2, "elastic.k_max": 2}
 
 
 def _overrides(data, tmp_path, elastic: dict, layers: int, pp: int, vp=None) -> list:
+    if elastic is LAYERWISE:
+        # Validation runs at a per-layer inference k: each stage must read its own layers'
+        # entries of the global list (read by local position, stage 1 would take layer 1's k).
+        elastic = {**elastic, "elastic.eval_k": "[2,1]" if layers == 2 else "[2,1,1,2]"}
     return tiny_overrides(data, tmp_path, **elastic, **{
         "model.num_layers": layers, "train.train_iters": 3, "train.eval_iters": 1,
         "parallel.pipeline_model_parallel_size": pp,
