@@ -22,8 +22,10 @@ def _overrides(data, tmp_path, elastic: dict, layers: int, pp: int, vp=None) -> 
         # Validation runs at a per-layer inference k: each stage must read its own layers'
         # entries of the global list (read by local position, stage 1 would take layer 1's k).
         elastic = {**elastic, "elastic.eval_k": "[2,1]" if layers == 2 else "[2,1,1,2]"}
+    # init std 0.2 (not 0.02): expert outputs large enough that another k moves the loss by far
+    # more than the tolerance, so a stage that drew or read another layer's k would fail.
     return tiny_overrides(data, tmp_path, **elastic, **{
-        "model.num_layers": layers, "train.train_iters": 3, "train.eval_iters": 1,
+        "model.init_method_std": 0.2, "model.num_layers": layers, "train.train_iters": 3, "train.eval_iters": 1,
         "parallel.pipeline_model_parallel_size": pp,
         "parallel.virtual_pipeline_model_parallel_size": "null" if vp is None else vp})
 
