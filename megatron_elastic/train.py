@@ -1,8 +1,10 @@
 """Training entry point: ``python -m megatron_elastic.train --config configs/smoke.yaml [key=value ...]``.
 
 One process per rank (torchrun, ``srun`` with one task per GPU, or plain ``python`` for one
-process). Each iteration runs ``global_batch / (micro_batch * data_parallel)`` micro-batches with
-gradient accumulation inside Megatron-core's DDP, then one optimizer step. Preemption: SIGTERM or
+process). Each iteration runs ``global_batch / (micro_batch * data_parallel)`` micro-batches
+through Megatron-core's pipeline schedule (no pipelining, 1F1B or interleaved, by the layout;
+``training/schedule.py``) with gradient accumulation inside Megatron-core's DDP, then one
+optimizer step. Preemption: SIGTERM or
 SIGUSR1 (SLURM's pre-timeout ``--signal``) lets the current step finish, saves a checkpoint and
 exits with ``REQUEUE_EXIT_CODE`` so the launcher requeues the job; the next start resumes from
 the ``latest`` tracker.
@@ -128,8 +130,9 @@ def fold_loss_into_grad(param: Optional[torch.nn.Parameter], loss_sum: torch.Ten
     one gradient element before the data-parallel reduction, it reaches every rank's copy, so the
     optimizer's global gradient norm (a host float it computes anyway, summed over pipeline
     stages too) is non-finite on every rank and every rank skips the same step. Under pipeline
-    parallelism only the last stage has a loss; the others fold 0. Gradients are usually non-finite already when the loss
-    is, but not always (an infinite per-token loss at a masked position has a zero gradient).
+    parallelism only the last stage has a loss; the others fold 0. Gradients are usually
+    non-finite already when the loss is, but not always (an infinite per-token loss at a masked
+    position has a zero gradient).
     """
     if param is not None:
         grad = param.main_grad.view(-1)[:1]

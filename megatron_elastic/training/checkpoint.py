@@ -26,6 +26,14 @@ The files-on-disk half (layout, tracker, fsync, manifest, publish, retention) is
 ``checkpoint_files.py``; this module is the save and load protocol over Megatron's
 dist_checkpointing.
 
+Another layout loads it: tensors are stored under global keys and shapes (``model_state_dicts``),
+so a save under (TP, EP, PP, VP, DP) resumes under any other valid layout of the same model,
+optimizer state included (the CPU optimizer's state is keyed by the model's sharded tensors;
+Megatron's distributed optimizer uses its default ``fully_sharded_model_space`` format, which is
+reshardable too). RNG states are restored only under the same world size. A layout the model
+cannot take (experts not divisible by the new EP, layers by the new PP x VP) is refused by config
+validation before anything loads.
+
 Contents: model and optimizer (sharded), iteration, consumed samples, config, and every rank's RNG
 states; the learning rate is a function of the iteration and the data position is the iteration
 (see megatron_elastic/data/datasets.py), so nothing else is needed for an exact resume.
