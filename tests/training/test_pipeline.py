@@ -1,6 +1,8 @@
 """Pipeline parallelism through Megatron-core's schedules: the same model, data and weights give
 the same losses under one stage (no pipelining), two stages (1F1B) and two stages of two virtual
-chunks each (interleaved 1F1B), for a fixed k and for layer-wise elastic k with a candidate pool."""
+chunks each (interleaved 1F1B), for a fixed k and for layer-wise elastic k with a candidate pool
+(validated at a per-layer inference k list); a virtual-stage checkpoint resumes in one process.
+PP x EP / TP x PP checkpoints and their export: tests/convert/test_pipeline_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -51,3 +53,20 @@ def test_interleaved_virtual_stages_match_one_stage(smoke_data, tmp_path, elasti
     for rank in two:
         assert rank["losses"] == pytest.approx(one["losses"], abs=1e-5), (rank["losses"], one["losses"])
         assert rank["valid"] == pytest.approx(one["valid"], abs=1e-5)
+
+
+def test_virtual_stage_checkpoint_resumes_in_one_process(smoke_data, tmp_path):
+    """A save under PP 2 x VP 2 (two model chunks per rank, stored as model0/model1 with global
+    layer offsets) resumes in one process on the uninterrupted run's trajectory."""
+    def overrides(ckpt, pp, vp):
+        return _overrides(smoke_data, tmp_path, FIXED, 4, pp, vp) + [
+            "train.train_iters=6", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"]
+
+    full = run_distributed(train_run, 1, overrides(tmp_path / "full", 1, None), tmp_dir=tmp_path)[0]
+    ckpt = tmp_path / "moved"
+    first = run_distributed(train_run, 2, overrides(ckpt, 2, 2), 3, tmp_dir=tmp_path)
+    second = run_distributed(train_run, 1, overrides(ckpt, 1, None), tmp_dir=tmp_path)[0]
+    assert second["iteration"] == 6
+    for rank in first:
+        assert rank["losses"] + second["losses"] == pytest.approx(full["losses"], abs=1e-5), (
+            rank["losses"], second["losses"], full["losses"])
