@@ -8,6 +8,8 @@
 #   launchers/local.sh configs/smoke.yaml                      # 1 process (or 1 per GPU)
 #   launchers/local.sh -n 2 configs/smoke.yaml parallel.expert_model_parallel_size=2
 #   launchers/local.sh -n 8 configs/small.yaml parallel.expert_model_parallel_size=8
+#   launchers/local.sh -n 4 configs/smoke.yaml parallel.pipeline_model_parallel_size=2 \
+#       parallel.expert_model_parallel_size=2     # 2 stages x 2 expert ranks (DP 2)
 #
 # NPROC defaults to the number of visible GPUs (torch.cuda.device_count()),
 # else 1. Every rank runs

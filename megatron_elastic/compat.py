@@ -17,6 +17,10 @@ upstream symbol it replaces (megatron-core 0.16.1, torch 2.13):
 ``moe.token_dispatcher.maybe_move_tensor_to_cpu`` (its import of ``moe_utils``'s)
                                               -> ``HostCopy``: split sizes unreadable until the
                                                  event at Megatron's cuda_sync_point completes
+``pipeline_parallel.schedules.torch`` (the module's name for torch)
+                                              -> torch, except that ``torch.zeros(device="cuda")``
+                                                 (the token counter each schedule allocates)
+                                                 lands on the CPU
 ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``
                                               -> uneven splits built from equal-sized collectives
                                                  (gloo has no uneven all_gather/reduce_scatter)
@@ -235,6 +239,27 @@ def _uneven_collectives_over_gloo() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
+class _TorchWithCudaLiteralOnCpu:
+    """``torch`` as Megatron's pipeline schedules see it on CPU: every attribute is torch's own,
+    but a tensor allocated with the literal ``device="cuda"`` (0.16.1's ``total_num_tokens``
+    counter, which ``torch.cuda.current_device`` cannot redirect) is allocated on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _schedules_allocate_on_cpu() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCudaLiteralOnCpu()
+
+
 class _AbsentTransformerEngineClass:
     """Stands in for a Transformer Engine class when TE is not installed (never instantiated)."""
 
@@ -307,6 +332,7 @@ def enable() -> None:
     tp_pkg.model_parallel_cuda_manual_seed = _cpu_model_parallel_seed
 
     _uneven_collectives_over_gloo()
+    _schedules_allocate_on_cpu()
 
     # The dispatcher's non-blocking host copies of its split sizes: see HostCopy.
     from megatron.core.transformer.moe import token_dispatcher

@@ -1,8 +1,10 @@
 """Training entry point: ``python -m megatron_elastic.train --config configs/smoke.yaml [key=value ...]``.
 
 One process per rank (torchrun, ``srun`` with one task per GPU, or plain ``python`` for one
-process). Each iteration runs ``global_batch / (micro_batch * data_parallel)`` micro-batches with
-gradient accumulation inside Megatron-core's DDP, then one optimizer step. Preemption: SIGTERM or
+process). Each iteration runs ``global_batch / (micro_batch * data_parallel)`` micro-batches
+through Megatron-core's pipeline schedule (no pipelining, 1F1B or interleaved, by the layout;
+``training/schedule.py``) with gradient accumulation inside Megatron-core's DDP, then one
+optimizer step. Preemption: SIGTERM or
 SIGUSR1 (SLURM's pre-timeout ``--signal``) lets the current step finish, saves a checkpoint and
 exits with ``REQUEUE_EXIT_CODE`` so the launcher requeues the job; the next start resumes from
 the ``latest`` tracker.
@@ -11,12 +13,12 @@ the ``latest`` tracker.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -103,12 +105,6 @@ def check_environment(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.load={load} does not exist (finetune needs a checkpoint)")
 
 
-def loss_from_batch(model, batch) -> torch.Tensor:
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    mask = batch["loss_mask"].float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 def evaluate(model, reader, cfg: Config, context, iteration_base: int = 0) -> float:
     """Validation loss over ``train.eval_iters`` global batches (training/evaluation.py)."""
     from megatron_elastic.training.evaluation import evaluate as evaluate_loss
@@ -117,11 +113,13 @@ def evaluate(model, reader, cfg: Config, context, iteration_base: int = 0) -> fl
 
 
 def finite_guard(ddp) -> Optional[torch.nn.Parameter]:
-    """A parameter reduced over the whole data-parallel group (not an expert weight), whose
-    gradient carries the loss' finiteness into the gradient norm (see ``fold_loss_into_grad``)."""
-    for p in ddp.module.parameters():
-        if p.requires_grad and getattr(p, "allreduce", True) and getattr(p, "main_grad", None) is not None:
-            return p
+    """A parameter of this rank's chunks (``ddp``: a list of DDP-wrapped chunks) reduced over the
+    whole data-parallel group (not an expert weight), whose gradient carries the loss'
+    finiteness into the gradient norm (see ``fold_loss_into_grad``)."""
+    for chunk in (ddp if isinstance(ddp, (list, tuple)) else [ddp]):
+        for p in chunk.module.parameters():
+            if p.requires_grad and getattr(p, "allreduce", True) and getattr(p, "main_grad", None) is not None:
+                return p
     return None
 
 
@@ -130,9 +128,11 @@ def fold_loss_into_grad(param: Optional[torch.nn.Parameter], loss_sum: torch.Ten
 
     ``loss - loss`` is exactly 0 for a finite loss and NaN for an infinite or NaN one; added to
     one gradient element before the data-parallel reduction, it reaches every rank's copy, so the
-    optimizer's global gradient norm (a host float it computes anyway) is non-finite on every rank
-    and every rank skips the same step. Gradients are usually non-finite already when the loss
-    is, but not always (an infinite per-token loss at a masked position has a zero gradient).
+    optimizer's global gradient norm (a host float it computes anyway, summed over pipeline
+    stages too) is non-finite on every rank and every rank skips the same step. Under pipeline
+    parallelism only the last stage has a loss; the others fold 0. Gradients are usually
+    non-finite already when the loss is, but not always (an infinite per-token loss at a masked
+    position has a zero gradient).
     """
     if param is not None:
         grad = param.main_grad.view(-1)[:1]
@@ -140,13 +140,17 @@ def fold_loss_into_grad(param: Optional[torch.nn.Parameter], loss_sum: torch.Ten
 
 
 def build(cfg: Config):
-    """Parallel state, tokenizer, model (DDP-wrapped), optimizer: the pieces a run needs."""
+    """Parallel state, tokenizer, model, optimizer: the pieces a run needs.
+
+    The model is this rank's list of model chunks (one per pipeline stage, several with virtual
+    stages), returned bare and DDP-wrapped (``ddp``, the same list order)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_elastic import parallel
     from megatron_elastic.data.tokenizer import load_tokenizer
-    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.models.gpt import build_model_chunks
+    from megatron_elastic.training.schedule import configure_grad_sync
     from megatron_elastic.training.optim import build_optimizer, use_distributed_optimizer
 
     from megatron_elastic.data.datasets import check_vocabulary
@@ -159,26 +163,26 @@ def build(cfg: Config):
         raise ConfigError(f"data.tokenizer_model: {exc}") from None
     # Token ids that do not fit the embedding fail minutes in (a device-side assert on GPU).
     check_vocabulary(cfg, tokenizer)
-    model = build_model(cfg, tokenizer.vocab_size)
-    ddp = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=use_distributed_optimizer(cfg),
-            # gloo has no ReduceOp.AVG: pre-scale and SUM instead.
-            average_in_collective=False,
-        ),
-        module=model,
+    chunks = build_model_chunks(cfg, tokenizer.vocab_size)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+        # gloo has no ReduceOp.AVG: pre-scale and SUM instead.
+        average_in_collective=False,
     )
+    # Megatron-LM's wrapping: chunks after the first keep one bucket each.
+    ddp = [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                   disable_bucketing=i > 0)
+           for i, chunk in enumerate(chunks)]
+    configure_grad_sync(ddp)
     optimizer = build_optimizer(cfg, ddp)
-    return env, tokenizer, model, ddp, optimizer, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return env, tokenizer, chunks, ddp, optimizer, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
 def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     """Train per ``cfg``; stop after ``max_iters`` iterations of this process if given."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core import parallel_state as ps
 
     from megatron_elastic.training.checkpoint import (
         load_checkpoint,
@@ -189,14 +193,17 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     from megatron_elastic.training.flops import flops_metrics
     from megatron_elastic.training.metrics import Logger, collect_moe_metrics
     from megatron_elastic.training.optim import lr_at
+    from megatron_elastic.training.schedule import PipelineStep
 
     env, tokenizer, model, ddp, optimizer, dp_rank, dp_size = build(cfg)
-    t, ck = cfg.train, cfg.checkpoint
+    t, ck, p = cfg.train, cfg.checkpoint, cfg.parallel
     logger = Logger(cfg, env.rank, run_dir=ck.save)
+    vp = f" x {p.virtual_pipeline_model_parallel_size} virtual" if p.virtual_pipeline_model_parallel_size else ""
     logger.print(
-        f"model: {sum(p.numel() for p in model.parameters()):,} parameters on rank 0 | world "
-        f"{env.world_size} (tp {cfg.parallel.tensor_model_parallel_size}, ep "
-        f"{cfg.parallel.expert_model_parallel_size}, dp {dp_size}) | elastic {cfg.elastic.schedule} "
+        f"model: {sum(q.numel() for c in model for q in c.parameters()):,} parameters on rank 0 | "
+        f"world {env.world_size} (tp {p.tensor_model_parallel_size}, pp "
+        f"{p.pipeline_model_parallel_size}{vp}, ep {p.expert_model_parallel_size}, dp {dp_size}) | "
+        f"elastic {cfg.elastic.schedule} "
         f"k in [{cfg.elastic_k_min}, {cfg.elastic_k_max}]"
         + (f", pool x{cfg.elastic.pool_ratio}" if cfg.elastic.pool_ratio else "")
     )
@@ -213,10 +220,11 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, dp_size)
     train = BatchReader(train_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
     valid = BatchReader(valid_ds, t.micro_batch_size, t.global_batch_size, dp_rank, dp_size)
-    context = model.elastic_context
+    context = model[0].elastic_context
     num_mb = train.num_microbatches
-    # Megatron scales aux-loss gradients like the main loss (which we divide by num_mb).
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))
+    # Megatron's schedule divides each micro-batch's loss by num_mb and sets the aux losses'
+    # gradient scale (MoEAuxLossAutoScaler) to 1/num_mb after every forward.
+    step = PipelineStep(ddp, train)
     if ck.save:
         protect_checkpoint_writer()  # before any signal can arrive: see its docstring
     signals = SignalFlag(t.exit_signal_handler)
@@ -237,29 +245,24 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
             return
         sums = torch.stack(pending_losses)
         if dist.is_initialized():
-            from megatron.core import parallel_state as ps
-
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                # The last stage holds the losses, the other stages zeros: every rank gets them.
+                dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
         result.losses.extend((sums / (num_mb * dp_size)).tolist())
         pending_losses.clear()
 
     try:
-        ddp.train()
+        for chunk in ddp:
+            chunk.train()
         t_log = time.time()
         while iteration < end:
-            ddp.zero_grad_buffer()
+            for chunk in ddp:
+                chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=policy().device)
-            for mb in range(num_mb):
-                context.set(iteration, mb, train.sample_offset(mb))
-                batch = policy().to_device(train.get(iteration, mb))
-                sync = contextlib.nullcontext() if mb == num_mb - 1 else ddp.no_sync()
-                with sync:
-                    loss = loss_from_batch(ddp, batch)
-                    (loss / num_mb).backward()
-                loss_sum += loss.detach().double()
-            fold_loss_into_grad(guard, loss_sum)
-            finalize_model_grads([ddp])
+            # Megatron's schedule: every micro-batch's forward and backward (the elastic context
+            # set before each forward), then fold_loss_into_grad and finalize_model_grads.
+            loss_sum = step.train(iteration, partial(fold_loss_into_grad, guard))
             lr = lr_at(cfg, iteration)
             applied, grad_norm = optimizer.step(lr)
             iteration += 1
@@ -293,7 +296,7 @@ def run(cfg: Config, max_iters: Optional[int] = None) -> TrainResult:
                     {"loss": result.losses[-1], "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": rate, "skipped": skipped_since_log,
                      "skipped_steps": skipped_total,
-                     **flops_metrics(cfg, moe, rate, vocab_size=model.vocab_size,
+                     **flops_metrics(cfg, moe, rate, vocab_size=model[0].vocab_size,
                                      world_size=env.world_size),
                      **({"peak_mem_gib": policy().peak_memory_gib()} if policy().cuda else {})},
                     moe,

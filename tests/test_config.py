@@ -55,7 +55,14 @@ def test_yaml_float_written_without_dot_is_accepted():
         (["elastic.schedule=top_p", "elastic.top_p=null"], "needs elastic.top_p"),
         (["elastic.tau=0"], "elastic.tau=0.0 must be positive"),
         (["parallel.tensor_model_parallel_size=2"], "requires parallel.sequence_parallel=true"),
-        (["parallel.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size must be 1"),
+        (["parallel.pipeline_model_parallel_size=4"],
+         "model.num_layers=2 is not divisible by pipeline stages = 4"),
+        (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
+         "not divisible by pipeline stages x virtual stages = 2 x 2"),
+        (["parallel.virtual_pipeline_model_parallel_size=2"],
+         "needs parallel.pipeline_model_parallel_size > 1"),
+        (["parallel.pipeline_model_parallel_size=2", "model.untie_embeddings_and_output_weights=false"],
+         "tied embeddings) is not supported with parallel.pipeline_model_parallel_size > 1"),
     ],
 )
 def test_impossible_settings_are_rejected(overrides, message):
@@ -72,6 +79,24 @@ def test_world_size_checks():
         cfg.validate_world(3)
     with pytest.raises(ConfigError, match=r"global_batch_size=16 is not divisible by train.micro_batch_size=8 x data parallel size=4"):
         cfg.validate_world(4)
+
+
+def test_pipeline_micro_batch_checks():
+    """1F1B needs at least one micro-batch per stage; the interleaved schedule whole groups of
+    pipeline-size micro-batches (Megatron-core raises otherwise, mid-step)."""
+    cfg = load_config(SMOKE, ["model.num_layers=4", "parallel.pipeline_model_parallel_size=4",
+                              "train.global_batch_size=16", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="2 micro-batches per iteration .* fewer than "
+                                          "parallel.pipeline_model_parallel_size=4"):
+        cfg.validate_world(4)
+    cfg = load_config(SMOKE, ["model.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+                              "parallel.virtual_pipeline_model_parallel_size=2",
+                              "train.global_batch_size=24", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="3 micro-batches per iteration is not a multiple of"):
+        cfg.validate_world(2)
+    assert load_config(SMOKE, ["model.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+                               "parallel.virtual_pipeline_model_parallel_size=2",
+                               "train.global_batch_size=32", "train.micro_batch_size=8"]).validate_world(2) == 1
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path):

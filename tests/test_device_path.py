@@ -109,6 +109,20 @@ def test_seed_offsets_match_megatron():
         assert torch.equal(states[name], torch.Generator().manual_seed(seed).get_state()), name
 
 
+@cpu_twin
+def test_pipeline_schedules_allocate_their_cuda_literal_on_cpu():
+    """Megatron's schedules allocate their token counter with device="cuda" (a literal that
+    torch.cuda.current_device cannot redirect); on CPU only that allocation moves."""
+    from megatron.core.pipeline_parallel import schedules
+
+    from megatron_elastic import compat
+
+    compat.enable()
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device == torch.device("cpu")
+    assert schedules.torch.zeros(2).dtype == torch.float32
+    assert schedules.torch.autograd is torch.autograd and schedules.torch.ones is torch.ones
+
+
 # ---------------------------------------------------------------------- finding 2: host copies
 @cpu_twin
 def test_host_copy_refuses_reads_before_its_event():
@@ -182,10 +196,11 @@ def _router_loss_grads(rank, world_size, overrides):
 
     cfg = load_config(SMOKE, overrides)
     try:
-        env, tokenizer, model, ddp, optimizer, dp_rank, dp_size = build(cfg)
+        env, tokenizer, chunks, ddp_chunks, optimizer, dp_rank, dp_size = build(cfg)
+        (model,), (ddp,) = chunks, ddp_chunks  # one pipeline stage: one model chunk
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0]))
         model.elastic_context.set(0, 0, 0)
         s = cfg.model.seq_length
         tokens = torch.randint(0, 500, (1, s), generator=torch.Generator().manual_seed(3))

@@ -117,6 +117,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Model chunks per pipeline stage (Megatron's interleaved 1F1B); null = one chunk per stage.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     expert_model_parallel_size: int = 1
     # Default: tensor_model_parallel_size, as in Megatron-LM.
     expert_tensor_parallel_size: Optional[int] = None

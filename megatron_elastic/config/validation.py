@@ -59,11 +59,7 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_moe_experts={m.num_moe_experts}"
         )
-    if p.pipeline_model_parallel_size != 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size must be 1: pipeline parallelism is not "
-            "supported by this trainer yet; use tensor/expert/data parallelism"
-        )
+    _validate_pipeline(cfg)
     if p.context_parallel_size != 1:
         raise ConfigError("parallel.context_parallel_size must be 1 (not supported yet)")
     if tp > 1 and not p.sequence_parallel:
@@ -115,6 +111,60 @@ def validate(cfg) -> None:
     _validate_moe(cfg)
     _validate_elastic(cfg)
     _validate_mla_and_sigmoid_routing(cfg)
+
+
+def _validate_pipeline(cfg) -> None:
+    """Layer split over pipeline stages (and virtual stages), as Megatron-core requires it."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    pp, vp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    if vp is not None:
+        if isinstance(vp, bool) or not isinstance(vp, int) or vp < 1:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size={vp!r} must be a positive integer "
+                "(or null for one model chunk per pipeline stage)"
+            )
+        if pp == 1:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "parallel.pipeline_model_parallel_size > 1 (it interleaves model chunks over "
+                "pipeline stages): set it to null, or raise the pipeline size"
+            )
+    chunks = pp * (vp or 1)
+    if m.num_layers % chunks:
+        what = f"pipeline stages x virtual stages = {pp} x {vp}" if vp else f"pipeline stages = {pp}"
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by {what}: every stage holds the "
+            f"same number of layers here; choose num_layers a multiple of {chunks}, or fewer stages"
+        )
+    if pp > 1 and not m.untie_embeddings_and_output_weights:
+        raise ConfigError(
+            "model.untie_embeddings_and_output_weights=false (tied embeddings) is not supported "
+            "with parallel.pipeline_model_parallel_size > 1: the input embedding and the output "
+            "layer live on different stages; set model.untie_embeddings_and_output_weights=true"
+        )
+
+
+def _validate_pipeline_microbatches(cfg, data_parallel: int) -> None:
+    """Megatron's schedules need at least one micro-batch per stage in flight (1F1B), and the
+    interleaved schedule whole groups of ``pipeline size`` micro-batches."""
+    p, t = cfg.parallel, cfg.train
+    pp, vp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    if pp == 1:
+        return
+    num_mb = t.global_batch_size // (t.micro_batch_size * data_parallel)
+    if num_mb < pp:
+        raise ConfigError(
+            f"{num_mb} micro-batches per iteration (train.global_batch_size={t.global_batch_size} / "
+            f"(train.micro_batch_size={t.micro_batch_size} x data parallel {data_parallel})) is "
+            f"fewer than parallel.pipeline_model_parallel_size={pp}: the pipeline would never "
+            f"fill; raise train.global_batch_size to at least {pp * t.micro_batch_size * data_parallel}"
+        )
+    if vp is not None and num_mb % pp:
+        raise ConfigError(
+            f"{num_mb} micro-batches per iteration is not a multiple of "
+            f"parallel.pipeline_model_parallel_size={pp}, which the interleaved schedule "
+            "(parallel.virtual_pipeline_model_parallel_size) needs: change train.global_batch_size"
+        )
 
 
 def _validate_ranges(cfg) -> None:
@@ -439,6 +489,7 @@ def validate_world(cfg, world_size: int) -> int:
             f"train.micro_batch_size={t.micro_batch_size} x data parallel size={dp}: pick a "
             f"global batch that is a multiple of {t.micro_batch_size * dp}"
         )
+    _validate_pipeline_microbatches(cfg, dp)
     return dp
 
 

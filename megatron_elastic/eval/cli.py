@@ -125,10 +125,11 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
         )
     overrides = list(overrides)
     if _single_process():
-        # dist_checkpointing reshards: a checkpoint saved under TP/EP/DP loads into one process.
+        # dist_checkpointing reshards: a checkpoint saved under TP/EP/PP/DP loads into one process.
         overrides = [
             "parallel.tensor_model_parallel_size=1", "parallel.expert_model_parallel_size=1",
             "parallel.expert_tensor_parallel_size=1", "parallel.sequence_parallel=false",
+            "parallel.pipeline_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=null",
         ] + overrides
     overrides += ["checkpoint.save=null", f"checkpoint.load={ckpt_dir}", "checkpoint.finetune=false",
                   "logging.tensorboard_dir=null", "logging.wandb_project=null"]

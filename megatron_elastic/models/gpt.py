@@ -73,6 +73,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         context_parallel_size=p.context_parallel_size,
@@ -200,31 +201,89 @@ def block_spec(cfg: Config, use_te: Optional[bool] = None, stock_moe: bool = Fal
 
 
 def build_model(cfg: Config, vocab_size: int, use_te: Optional[bool] = None,
-                stock_moe: bool = False) -> GPTModel:
-    """Build the MoE GPT for this rank's shard (parallel state must be initialised).
+                stock_moe: bool = False, vp_stage: Optional[int] = None) -> GPTModel:
+    """Build the MoE GPT for this rank's shard (parallel state must be initialised): under
+    pipeline parallelism the layers of this stage (model chunk ``vp_stage`` of it with virtual
+    stages), with the embedding on the first stage and the output layer on the last.
     ``stock_moe``: Megatron-core's MoE layer and Top-k router instead of the elastic ones."""
+    from megatron.core import parallel_state as ps
+
     tcfg = transformer_config(cfg)
     vocab = cfg.model.vocab_size or padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
     )
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=block_spec(cfg, use_te, stock_moe),
+        transformer_layer_spec=stage_block_spec(cfg, tcfg, block_spec(cfg, use_te, stock_moe), vp_stage),
         vocab_size=vocab,
         max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
-        pre_process=True,
-        post_process=True,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
     )
     from megatron_elastic.moe.layer import attach_elastic
 
     if not stock_moe:
-        attach_elastic(model, cfg.elastic)
+        attach_elastic(model, cfg.elastic, moe_layer_numbers(cfg, use_te))
     init_weights(model, cfg)
     return policy().move_model(model)
+
+
+def build_model_chunks(cfg: Config, vocab_size: int, use_te: Optional[bool] = None,
+                       stock_moe: bool = False) -> List[GPTModel]:
+    """This rank's model chunks in schedule order: one per pipeline stage, or
+    ``virtual_pipeline_model_parallel_size`` of them (Megatron's interleaved schedule)."""
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if vp is None:
+        return [build_model(cfg, vocab_size, use_te, stock_moe)]
+    return [build_model(cfg, vocab_size, use_te, stock_moe, vp_stage=i) for i in range(vp)]
+
+
+def stage_block_spec(cfg: Config, tcfg: TransformerConfig, spec, vp_stage: Optional[int]):
+    """The slice of a global per-layer block spec that this pipeline stage (chunk) builds.
+
+    ``block_spec`` describes all ``num_layers`` layers (they may differ by layer); Megatron's
+    TransformerBlock builds every spec it is given, so a stage gets the specs of its global
+    layers [offset, offset + layers per stage), as Megatron's ``get_gpt_decoder_block_spec``
+    slices its own. A single layer spec (the Transformer Engine path) is repeated by Megatron.
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if not isinstance(spec, TransformerBlockSubmodules):
+        return spec
+    if len(spec.layer_specs) != cfg.model.num_layers:
+        raise ValueError(f"block spec lists {len(spec.layer_specs)} layers for model.num_layers="
+                         f"{cfg.model.num_layers}")
+    offset = get_transformer_layer_offset(tcfg, vp_stage)
+    count = get_num_layers_to_build(tcfg, vp_stage)
+    return TransformerBlockSubmodules(layer_specs=spec.layer_specs[offset:offset + count],
+                                      layer_norm=spec.layer_norm)
+
+
+def moe_layer_numbers(cfg: Config, use_te: Optional[bool] = None) -> List[int]:
+    """Global 1-based numbers of the MoE layers, in depth order (a per-layer inference k list
+    has one entry per MoE layer, whichever stage holds it)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = block_spec(cfg, use_te)
+    if not isinstance(spec, TransformerBlockSubmodules):
+        return list(range(1, cfg.model.num_layers + 1))
+    numbers = []
+    for i, layer in enumerate(spec.layer_specs):
+        mlp = getattr(getattr(layer, "submodules", None), "mlp", None)
+        module = getattr(mlp, "module", None)
+        if isinstance(module, type) and issubclass(module, MoELayer):
+            numbers.append(i + 1)
+    return numbers
 
 
 def _use_sequence_parallel_norm(spec: ModuleSpec) -> None:
@@ -254,7 +313,9 @@ def init_weights(model: GPTModel, cfg: Config) -> None:
     what expert j draws on rank 0). Keying each tensor on its *global* name and slicing the
     tensor-parallel shard out of the full tensor makes a model identical under any TP/EP layout,
     which is what lets a 2-rank expert-parallel run be compared with a 1-rank run bit for bit.
-    Norm weights keep their ones; output projections get Megatron's scaled std.
+    Under pipeline parallelism a stage numbers its layers from 0: the name uses the global layer
+    index (local + the stage's offset), so stage s initialises what a one-stage model does for
+    the same layers. Norm weights keep their ones; output projections get Megatron's scaled std.
     """
     from megatron.core import parallel_state as ps
 
@@ -265,11 +326,12 @@ def init_weights(model: GPTModel, cfg: Config) -> None:
     etp_rank = ps.get_expert_tensor_parallel_rank()
     etp_size = ps.get_expert_tensor_parallel_world_size()
     names = expert_global_names(model)
+    layer_offset = _layer_offset(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or param.dim() < 2:
                 continue
-            gname = names.get(name, name)
+            gname = global_layer_name(names.get(name, name), layer_offset)
             is_expert = ".experts." in name
             rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
             full_shape = list(param.shape)
@@ -288,6 +350,27 @@ def init_weights(model: GPTModel, cfg: Config) -> None:
                 else:
                     full = full.chunk(size, dim=dim)[rank]
             param.copy_(full.to(param.dtype))
+
+
+def _layer_offset(model: torch.nn.Module) -> int:
+    """Global index of the first decoder layer a (pipeline-stage) GPTModel holds; 0 for other
+    modules (e.g. a bare stack of layers, whose names carry no decoder prefix)."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if not hasattr(model, "decoder") or getattr(model, "config", None) is None:
+        return 0
+    return get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))
+
+
+def global_layer_name(name: str, layer_offset: int) -> str:
+    """``decoder.layers.<local>.`` -> ``decoder.layers.<local + offset>.`` (the pipeline stage's
+    first global layer); names outside the decoder layers are unchanged."""
+    import re
+
+    if not layer_offset:
+        return name
+    return re.sub(r"^decoder\.layers\.(\d+)\.",
+                  lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
 
 
 def cfg_gated(model) -> bool:

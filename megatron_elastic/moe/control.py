@@ -1,7 +1,8 @@
 """Inference control: how many experts each layer activates at evaluation time.
 
 ``set_inference_k(model, 4)`` sets k'=4 everywhere; ``set_inference_k(model, [6, 4, 2, 1])`` sets
-a per-layer budget (one entry per MoE layer, in depth order); ``set_inference_k(model,
+a per-layer budget (one entry per MoE layer of the whole model, in depth order: a pipeline stage
+reads the entries of its own layers); ``set_inference_k(model,
 top_p=0.5)`` lets each token take the smallest k whose probability mass reaches 0.5 (within
 ``top_p_k_range``, default [1, num_experts], so a fixed-k model can go above its training k);
 ``set_inference_k(model, None)`` restores the default (the training k,
@@ -35,10 +36,12 @@ def set_inference_k(model: torch.nn.Module, k: KSpec = None, top_p: Optional[flo
             router.set_inference(k=k)
         return
     ks = list(k)
-    if len(ks) != len(routers):
-        raise ValueError(f"per-layer k lists {len(ks)} values but the model has {len(routers)} MoE layers")
-    for router, k_l in zip(routers, ks):
-        router.set_inference(k=int(k_l))
+    total = routers[0].num_moe_layers or len(routers)
+    if len(ks) != total:
+        raise ValueError(f"per-layer k lists {len(ks)} values but the model has {total} MoE layers")
+    for i, router in enumerate(routers):
+        index = router.moe_index if router.moe_index is not None else i
+        router.set_inference(k=int(ks[index]))
 
 
 def inference_k(model: torch.nn.Module) -> List[Optional[int]]:

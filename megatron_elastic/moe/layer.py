@@ -8,6 +8,8 @@ routing the layer tells it which k the router used so buffers are sized to k_l.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -46,9 +48,15 @@ class ElasticMoELayer(MoELayer):
         return probs, routing_map
 
 
-def attach_elastic(model: torch.nn.Module, e: ElasticConfig) -> StepContext:
+def attach_elastic(model: torch.nn.Module, e: ElasticConfig,
+                   moe_layer_numbers: Optional[Sequence[int]] = None) -> StepContext:
     """Give every elastic router its k sampler, pool, losses and the shared step context, from
-    the (validated, hence resolved) ``elastic`` section of the run config."""
+    the (validated, hence resolved) ``elastic`` section of the run config.
+
+    ``moe_layer_numbers``: the global (1-based) numbers of all the model's MoE layers, which a
+    pipeline stage holds only some of; each router learns its position among them, which is
+    where a per-layer inference k list is read (``control.set_inference_k``). Default: the
+    routers present, in depth order (a whole model)."""
     if e.k_min is None or e.k_max is None or e.seed is None:
         raise ValueError("attach_elastic needs a validated config (Config.validate() resolves k and seed)")
     context = StepContext()
@@ -63,7 +71,13 @@ def attach_elastic(model: torch.nn.Module, e: ElasticConfig) -> StepContext:
         seed=e.seed,
         fixed_k=e.k_train if e.schedule == "fixed" else None,
     )
-    for router in elastic_routers(model):
+    routers = elastic_routers(model)
+    numbers = list(moe_layer_numbers) if moe_layer_numbers is not None else [r.layer_number for r in routers]
+    for router in routers:
+        if router.layer_number not in numbers:
+            raise ValueError(f"MoE layer {router.layer_number} is not among the model's MoE layers {numbers}")
+        router.moe_index = numbers.index(router.layer_number)
+        router.num_moe_layers = len(numbers)
         router.configure(
             sampler=sampler,
             context=context,

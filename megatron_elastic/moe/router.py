@@ -72,6 +72,10 @@ class ElasticRouter(TopKRouter):
         self.last_k: Optional[int] = None
         # A float for a fixed k, a 0-d device tensor for per-token k (never synced here).
         self.last_mean_k = float(config.moe_router_topk)
+        # Position among all the model's MoE layers (global, whichever pipeline stage holds
+        # this one) and their count: set by attach_elastic; per-layer k lists are indexed by it.
+        self.moe_index: Optional[int] = None
+        self.num_moe_layers: Optional[int] = None
         self.record_routing: bool = False
         self.last_routing_map: Optional[torch.Tensor] = None
         self.last_scores: Optional[torch.Tensor] = None
@@ -303,7 +307,9 @@ class ElasticRouter(TopKRouter):
         save_to_aux_losses_tracker("k", k, self.layer_number, num_layers)
 
 
-def elastic_routers(model: torch.nn.Module) -> List[ElasticRouter]:
-    """The model's elastic routers in depth order (by layer number)."""
-    routers = [m for m in model.modules() if isinstance(m, ElasticRouter)]
+def elastic_routers(model) -> List[ElasticRouter]:
+    """The model's elastic routers in depth order (by global layer number); ``model`` may be a
+    list of model chunks (pipeline parallelism with virtual stages)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ElasticRouter)]
     return sorted(routers, key=lambda r: r.layer_number or 0)

@@ -26,6 +26,14 @@ The files-on-disk half (layout, tracker, fsync, manifest, publish, retention) is
 ``checkpoint_files.py``; this module is the save and load protocol over Megatron's
 dist_checkpointing.
 
+Another layout loads it: tensors are stored under global keys and shapes (``model_state_dicts``),
+so a save under (TP, EP, PP, VP, DP) resumes under any other valid layout of the same model,
+optimizer state included (the CPU optimizer's state is keyed by the model's sharded tensors;
+Megatron's distributed optimizer uses its default ``fully_sharded_model_space`` format, which is
+reshardable too). RNG states are restored only under the same world size. A layout the model
+cannot take (experts not divisible by the new EP, layers by the new PP x VP) is refused by config
+validation before anything loads.
+
 Contents: model and optimizer (sharded), iteration, consumed samples, config, and every rank's RNG
 states; the learning rate is a function of the iteration and the data position is the iteration
 (see megatron_elastic/data/datasets.py), so nothing else is needed for an exact resume.
@@ -79,10 +87,23 @@ def _set_rng_state(state: dict) -> None:
     policy().set_rng_state(state)
 
 
+def model_state_dicts(model) -> dict:
+    """This rank's model shards: ``{"model": ...}`` for one chunk, ``{"model0": ..., "model1":
+    ...}`` for virtual pipeline stages (Megatron-LM's names). The dict structure is local; the
+    sharded tensors inside carry global keys, layer offsets and shapes (a pipeline stage's layer
+    i is stored as global layer offset + i), so a checkpoint reloads under any TP/EP/PP/VP
+    layout of the same model: ``dist_checkpointing.load`` reads whatever slices the template
+    of the new layout asks for."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
 def _state_dict(model, optimizer, cfg: Config, iteration: int, with_rng: bool, for_load: bool):
-    model_sd = model.sharded_state_dict()
+    model_sd = model_state_dicts(model)
     state = {
-        "model": model_sd,
+        **model_sd,
         "iteration": iteration,
         "consumed_samples": iteration * cfg.train.global_batch_size,
         "config": cfg.to_dict(),
@@ -281,7 +302,7 @@ def check_compatible(ckpt_dir: Path, model) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    for sh in nested_values(model.sharded_state_dict()):
+    for sh in nested_values(model_state_dicts(model)):
         if not isinstance(sh, ShardedTensor):
             continue
         if sh.key not in saved:
@@ -337,7 +358,10 @@ def load_checkpoint(path, model, optimizer, cfg: Config, finetune: bool = False)
         for_load=True,
     )
     state = dist_checkpointing.load(template, str(ckpt_dir))
-    model.load_state_dict(state["model"], strict=True)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, name in zip(chunks, names):
+        chunk.load_state_dict(state[name], strict=True)
     if load_optimizer:
         optimizer.load_state_dict(state["optimizer"])
     if "rng_state" in state:

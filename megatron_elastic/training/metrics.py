@@ -12,6 +12,7 @@ import os
 import time
 from typing import Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_utils import (
@@ -20,25 +21,44 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_elastic.config import Config
+from megatron_elastic.device import policy
 
 
 def collect_moe_metrics(num_microbatches: int) -> Dict[str, List[float]]:
-    """Per-layer values averaged over micro-batches and data-parallel ranks; clears the tracker."""
+    """Per-layer values averaged over micro-batches and data-parallel ranks; clears the tracker.
+
+    Each value is a vector over the model's global layers. Under pipeline parallelism a stage
+    fills only its own layers' entries, so the vectors are summed over the pipeline group (as
+    Megatron's ``reduce_aux_losses_tracker_across_ranks`` does); a name that some stage never
+    logged (one without MoE layers) takes part in that sum with zeros.
+    """
     tracker = get_moe_layer_wise_logging_tracker()
     out: Dict[str, List[float]] = {}
     dp_group = ps.get_data_parallel_group(with_context_parallel=False)
     dp_size = dist.get_world_size(dp_group) if dist.is_initialized() else 1
-    for name in sorted(tracker):
-        values = tracker[name]["values"].detach().float().clone()
-        if dist.is_initialized():
-            group = tracker[name].get("reduce_group")
-            if group is not None:
-                # Megatron's semantics (reduce_aux_losses_tracker_across_ranks): a value logged
-                # with a reduce group is each rank's share of a group-wide loss, so SUM it.
-                dist.all_reduce(values, group=group)
-            if dp_size > 1 and not tracker[name].get("reduce_group_has_dp", False):
-                dist.all_reduce(values, group=dp_group)
-                values /= dp_size
+    pp_group = None
+    names = {name: tracker[name]["values"].numel() for name in tracker}
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        pp_group = ps.get_pipeline_model_parallel_group()
+        gathered: list = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(gathered, names, group=pp_group)
+        names = {name: n for stage in gathered for name, n in stage.items()}
+    for name in sorted(names):
+        if name in tracker:
+            values = tracker[name]["values"].detach().float().clone()
+            if dist.is_initialized():
+                group = tracker[name].get("reduce_group")
+                if group is not None:
+                    # Megatron's semantics (reduce_aux_losses_tracker_across_ranks): a value logged
+                    # with a reduce group is each rank's share of a group-wide loss, so SUM it.
+                    dist.all_reduce(values, group=group)
+                if dp_size > 1 and not tracker[name].get("reduce_group_has_dp", False):
+                    dist.all_reduce(values, group=dp_group)
+                    values /= dp_size
+        else:  # stage-local groups agree: no rank of this stage logged it
+            values = torch.zeros(names[name], device=policy().device)
+        if pp_group is not None:
+            dist.all_reduce(values, group=pp_group)
         out[name] = (values / max(1, num_microbatches)).tolist()
     clear_aux_losses_tracker()
     return out

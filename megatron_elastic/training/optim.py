@@ -46,11 +46,17 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.dim() < 2 or "norm" in name or name.endswith(".bias")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+def _chunks(model) -> list:
+    """The rank's model chunks (pipeline stages with virtual stages hold several)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def param_groups(model, weight_decay: float) -> List[dict]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
+    for chunk in _chunks(model):
+        for name, p in chunk.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_decay(name, p) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -63,7 +69,10 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     Dense replicated parameters (norms, router) are identical on every rank after DDP reduction and
     are counted locally; tensor-parallel shards are summed over the TP group; expert parameters are
     summed over the expert (x expert-tensor) model-parallel group, since each of its ranks holds
-    different experts. This mirrors Megatron's get_grad_norm_fp32 grouping.
+    different experts. Under pipeline parallelism each stage holds other layers: the stage's sum
+    (the same on every rank of the stage after the reductions above) is summed over the pipeline
+    group. This mirrors Megatron's get_grad_norm_fp32 grouping (model-parallel group = TP x PP for
+    dense parameters, expert-tensor x expert x pipeline group for experts).
     """
     dense = torch.zeros((), dtype=torch.float64)
     tp_sharded = torch.zeros((), dtype=torch.float64)
@@ -87,13 +96,16 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
         emp = ps.get_expert_tensor_and_model_parallel_group()
         if emp is not None and dist.get_world_size(emp) > 1:
             dist.all_reduce(expert, group=emp)
-    return float((dense + tp_sharded + expert).sqrt())
+    total = dense + tp_sharded + expert
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total.sqrt())
 
 
 class TorchAdamW:
     """AdamW on CPU with Megatron-compatible clipping and sharded checkpoints."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module):
+    def __init__(self, cfg: Config, model):
         t = cfg.train
         self.model = model
         self.clip_grad = t.clip_grad
@@ -192,7 +204,7 @@ class MegatronOptimizer:
                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
                 use_distributed_optimizer=use_distributed_optimizer(cfg),
             ),
-            [ddp_model],
+            _chunks(ddp_model),
         )
 
     @property

@@ -207,10 +207,15 @@ def test_chat_samples_shift_the_mask_with_the_labels_and_count_truncation(chat_p
 
 
 def test_prompt_targets_do_not_change_the_loss_and_reply_targets_do(chat_prefix, tok_dir, tok, one_process_parallel):
-    """Through train.py's loss_from_batch: the loss is a function of the reply targets only."""
+    """Through the training step's loss (training/schedule.masked_mean_loss on the model's
+    per-token losses): the loss is a function of the reply targets only."""
     from megatron_elastic.data.datasets import BatchReader, build_datasets
     from megatron_elastic.models.gpt import build_model
-    from megatron_elastic.train import loss_from_batch
+    from megatron_elastic.training.schedule import masked_mean_loss
+
+    def loss_from_batch(model, batch):
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return masked_mean_loss(per_token, batch["loss_mask"])
 
     cfg = _cfg(chat_prefix, tok_dir)
     torch.manual_seed(0)

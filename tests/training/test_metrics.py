@@ -55,10 +55,15 @@ def test_reduce_group_of_one_and_zero_microbatches(one_process_parallel):
 
 
 class FakeDist:
-    """Two data-parallel ranks; the other rank's tracker holds ``peer`` (per reduction group)."""
+    """Two data-parallel ranks; the other rank's tracker holds ``peer`` (per reduction group);
+    ``peer_names``: the names another pipeline stage's tracker holds (with their lengths)."""
 
-    def __init__(self, peer):
+    def __init__(self, peer, peer_names=None):
         self.peer, self.calls = peer, []
+        self.peer_names = peer_names or {}
+
+    def all_gather_object(self, out, obj, group=None):
+        out[0], out[1] = obj, self.peer_names
 
     def is_initialized(self):
         return True
@@ -71,10 +76,13 @@ class FakeDist:
         tensor.add_(torch.tensor(self.peer[group]))
 
 
-def _fake(monkeypatch, peer):
-    fake = FakeDist(peer)
+def _fake(monkeypatch, peer, pp_size=1, peer_names=None):
+    fake = FakeDist(peer, peer_names)
     monkeypatch.setattr(metrics, "dist", fake)
-    monkeypatch.setattr(metrics, "ps", SimpleNamespace(get_data_parallel_group=lambda **_: "dp"))
+    monkeypatch.setattr(metrics, "ps", SimpleNamespace(
+        get_data_parallel_group=lambda **_: "dp",
+        get_pipeline_model_parallel_world_size=lambda: pp_size,
+        get_pipeline_model_parallel_group=lambda: "pp"))
     return fake
 
 
@@ -107,3 +115,15 @@ def test_progress_line_leaves_dense_layers_out_of_k_and_loss_means(capsys):
     logger.train_step(1, stats, {"k": [2.0, 0.0, 1.0], "load_balancing_loss": [0.3, 0.0, 0.1]})
     line = capsys.readouterr().out
     assert "| k 2,1 |" in line and "load_balancing_loss 0.2" in line
+
+
+def test_pipeline_stages_fill_their_own_layers_and_are_summed(monkeypatch):
+    """Stage 0 holds layer 1 and logged z_loss; stage 1 holds layer 2 and logged z_loss and a
+    name stage 0 never logged: every name is summed over the pipeline group, the missing one
+    from zeros, in the same (sorted) order on every stage."""
+    fake = _fake(monkeypatch, {"dp": [0.0, 0.0], "pp": [0.0, 6.0]}, pp_size=2,
+                 peer_names={"z_loss": 2, "only_there": 2})
+    save_to_aux_losses_tracker("z_loss", torch.tensor(2.0), 1, 2)
+    out = collect_moe_metrics(num_microbatches=1)
+    assert out == {"only_there": [0.0, 6.0], "z_loss": [1.0, 6.0]}  # ([2, 0] + dp [0, 0]) / 2 + pp
+    assert fake.calls == ["pp", "dp", "pp"]

@@ -108,15 +108,31 @@ class FakeDist:
         tensor.mul_(2)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_grad_norm_groups_tp_shards_and_experts(monkeypatch, tp):
+def _fake_groups(monkeypatch, tp, pp=1):
     fake = FakeDist()
     monkeypatch.setattr(optim, "dist", fake)
     monkeypatch.setattr(optim, "ps", SimpleNamespace(
         get_tensor_model_parallel_world_size=lambda: tp,
         get_tensor_model_parallel_group=lambda: "tp",
         get_expert_tensor_and_model_parallel_group=lambda: "expert",
+        get_pipeline_model_parallel_world_size=lambda: pp,
+        get_pipeline_model_parallel_group=lambda: "pp",
     ))
+    return fake
+
+
+def test_grad_norm_sums_the_stages_of_a_pipeline(monkeypatch):
+    """Each stage holds other layers: its total (after the in-stage reductions) is summed over
+    the pipeline group; the other stage here holds as much again."""
+    fake = _fake_groups(monkeypatch, tp=2, pp=2)
+    norm = global_grad_norm(_params())
+    assert fake.reduced == [("tp", 9.0), ("expert", 36.0), ("pp", 4 + 2 * 9 + 2 * 36)]
+    assert norm == pytest.approx(math.sqrt(2 * (4 + 2 * 9 + 2 * 36)))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_grad_norm_groups_tp_shards_and_experts(monkeypatch, tp):
+    fake = _fake_groups(monkeypatch, tp)
     norm = global_grad_norm(_params())
     if tp == 2:
         # TP shards summed over TP, experts over the expert group, dense counted once
