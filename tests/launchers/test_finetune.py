@@ -172,7 +172,7 @@ def test_finetune_under_sbatch_trains_and_sweeps_with_two_ranks(cluster, tmp_pat
     why = lambda: cluster.describe_job(job, info, run)  # noqa: E731
     assert info["JobState"] == "COMPLETED" and su.exit_code(info) == (0, 0), why()
     logs = su.rank_logs(run, job)
-    assert sorted(logs) == [0, 1] and "world 2 (tp 1, ep 2, dp 2)" in logs[0], why()
+    assert sorted(logs) == [0, 1] and "world 2 (tp 1, pp 1, ep 2, dp 2)" in logs[0], why()
     assert "iter      8/8" in logs[0] and "elastic eval of" in logs[0] and "world 2" in logs[0], why()
     sweep = json.loads((run / "eval" / "elastic_eval.json").read_text())
     assert sweep["eval"]["world_size"] == 2 and sorted(r["k"] for r in sweep["results"]) == [1, 2, 3, 4]

@@ -174,7 +174,7 @@ def test_slurm_two_node_training(cluster, smoke_data, tmp_path):
     got = losses(logs[0])
     assert sorted(got) == list(range(1, 9)), why()
     assert all(line.startswith("0: ") for line in logs[0].splitlines() if ITER_RE.search(line))
-    assert "world 2 (tp 1, ep 2, dp 2)" in logs[0], why()
+    assert "world 2 (tp 1, pp 1, ep 2, dp 2)" in logs[0], why()
     assert "final validation loss" in logs[0], why()
     assert not ITER_RE.search(logs[1]), "only rank 0 prints the progress line"
     ckpt = run_dir / "checkpoints"  # the sbatch's default CKPT_DIR (its override wins)
