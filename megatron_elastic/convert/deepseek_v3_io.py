@@ -23,7 +23,6 @@ Shared experts and dense first layers are the model section's ``moe_shared_exper
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import time
@@ -167,10 +166,8 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    from megatron_elastic.convert.from_hf import (
-        CONFIG_NAME, ImportResult, _write_recipe, copy_tokenizer, single_process_parallel, tokenizer_to_import)
+    from megatron_elastic.convert.from_hf import ImportResult, tokenizer_to_import, write_import
     from megatron_elastic.convert.hf_reader import HFWeights, check_tokenizer_fits
-    from megatron_elastic.convert.hf_writer import commit_output, prepare_output
 
     start = time.time()
     source = str(hf_dir / "config.json")
@@ -188,58 +185,20 @@ def import_deepseek_v3(hf_dir: Path, output: Path, *, tensor_model_parallel_size
               "multi-token-prediction layer(s): Megatron-core's MTP is not built by this project, so the "
               "imported model predicts the next token only", flush=True)
     get = _dequantizing_getter(weights, fp8_block)
-    tmp = prepare_output(output, overwrite, protect=(hf_dir,))
-    try:
-        build_cfg = _one_process(cfg)
-        with single_process_parallel():
-            from megatron_elastic.device import seed_all
-            from megatron_elastic.models.gpt import build_model
-            from megatron_elastic.training.checkpoint import save_checkpoint
 
-            seed_all(cfg.train.seed)
-            model = build_model(build_cfg, shape.vocab_size, use_te=False)
-            state = _model_state(model)
-            expected = ds.megatron_param_shapes(shape)
-            if set(state) != set(expected):
-                extra, lacking = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
-                raise RuntimeError(f"internal: model tensors differ from the DeepSeek mapping: extra {extra[:3]}, "
-                                   f"missing {lacking[:3]}")
-            num = 0
+    def tensors():
+        yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
+        for i in tqdm(range(shape.num_layers), desc="HF -> Megatron", unit="layer", disable=not progress,
+                      dynamic_ncols=True):
+            yield from ds.hf_to_megatron_layer(get, shape, i).items()
+        yield "decoder.final_layernorm.weight", get("model.norm.weight")
+        if not shape.tied_embeddings:
+            yield "output_layer.weight", get("lm_head.weight")
+        weights.close()
 
-            def put(name: str, value: torch.Tensor) -> None:
-                nonlocal num
-                target = state.pop(name)
-                if tuple(value.shape) != tuple(target.shape):
-                    raise ShapeMismatchError(f"shape mismatch for {name}: converted {tuple(value.shape)}, "
-                                             f"model {tuple(target.shape)}")
-                target.copy_(value)
-                num += 1
-
-            with torch.no_grad():
-                put("embedding.word_embeddings.weight", get("model.embed_tokens.weight"))
-                for i in tqdm(range(shape.num_layers), desc="HF -> Megatron", unit="layer", disable=not progress,
-                              dynamic_ncols=True):
-                    for name, value in ds.hf_to_megatron_layer(get, shape, i).items():
-                        put(name, value)
-                put("decoder.final_layernorm.weight", get("model.norm.weight"))
-                if not shape.tied_embeddings:
-                    put("output_layer.weight", get("lm_head.weight"))
-            if state:
-                raise RuntimeError(f"internal: tensors left unset: {sorted(state)[:5]}")
-            weights.close()
-            save_checkpoint(tmp, model, None, cfg, 0)
-            del model
-        if tokenizer is not None:
-            copy_tokenizer(tokenizer, tmp / final_tokenizer.relative_to(output))
-        recipe = Path(config_out) if config_out else output / CONFIG_NAME
-        _write_recipe(cfg, tmp / CONFIG_NAME, recipe, output, hf_dir)
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if config_out:
-        recipe.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(output / CONFIG_NAME, recipe)
+    recipe, num = write_import(hf_dir, output, cfg, shape.vocab_size, (tokenizer, final_tokenizer), _model_state,
+                               ds.megatron_param_shapes(shape), tensors, config_out=config_out,
+                               overwrite=overwrite, use_te=False)
     return ImportResult(output=output, checkpoint_dir=output / "iter_0000000", config_path=recipe,
                         architecture=ds.ARCH_V2 if ds.is_v2(hf) else ds.ARCH, config=cfg, num_tensors=num,
                         seconds=time.time() - start)
@@ -298,15 +257,6 @@ def _check_hf_weights(weights, shape: ds.DeepseekShape, source: str, fp8_block=N
     return len(mtp)
 
 
-def _one_process(cfg: Config) -> Config:
-    """The conversion process runs unsharded; the checkpoint records the chosen layout."""
-    c = copy.deepcopy(cfg)
-    c.parallel.tensor_model_parallel_size = c.parallel.expert_model_parallel_size = 1
-    c.parallel.expert_tensor_parallel_size = 1
-    c.parallel.sequence_parallel = False
-    return c
-
-
 def _model_state(model) -> dict:
     """Parameters and the persistent expert-bias buffers by state_dict name (live tensors)."""
     return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
@@ -320,7 +270,7 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
                        progress: bool = True):
     from transformers import DeepseekV2Config, DeepseekV3Config, GenerationConfig
 
-    from megatron_elastic.convert.from_hf import single_process_parallel
+    from megatron_elastic.convert.from_hf import one_process_config, single_process_parallel
     from megatron_elastic.convert.hf_config import default_inference_k, elastic_metadata
     from megatron_elastic.convert.hf_writer import ShardWriter, commit_output, parse_size, prepare_output
     from megatron_elastic.convert.megatron_checkpoint import DistCheckpointSource
@@ -362,7 +312,7 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
     result = ExportResult(output=output, architecture=ds.ARCH_V2 if v2 else ds.ARCH, iteration=iteration,
                           checkpoint_dir=ckpt_dir)
     try:
-        build_cfg = _one_process(cfg)
+        build_cfg = one_process_config(cfg)
         with single_process_parallel():
             from megatron_elastic.device import seed_all
             from megatron_elastic.models.gpt import build_model

@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -154,6 +154,67 @@ def _write_recipe(cfg: Config, path: Path, shown: Path, output: Path, hf_dir: Pa
     path.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def one_process_config(cfg: Config) -> Config:
+    """The recipe as the conversion process builds it: unsharded (the checkpoint stores global
+    tensors, so it loads under the layout the recipe records)."""
+    c = copy.deepcopy(cfg)
+    c.parallel.tensor_model_parallel_size = c.parallel.expert_model_parallel_size = 1
+    c.parallel.expert_tensor_parallel_size = 1
+    c.parallel.sequence_parallel = False
+    return c
+
+
+def write_import(hf_dir: Path, output: Path, cfg: Config, vocab_size: int, tokenizers: tuple,
+                 model_tensors: Callable[[torch.nn.Module], Dict[str, torch.Tensor]],
+                 expected: Dict[str, Tuple[int, ...]], tensors: Callable[[], Iterator[Tuple[str, torch.Tensor]]],
+                 *, config_out=None, overwrite: bool = False, use_te: Optional[bool] = None) -> Tuple[Path, int]:
+    """What every architecture's import shares once its inputs are checked: build the model in one
+    process, copy ``tensors()`` (Megatron name, value) into ``model_tensors(model)`` (which must
+    name exactly ``expected``), save it as iteration 0 with the tokenizer (``tokenizers``: source
+    and destination from ``tokenizer_to_import``) and the recipe, and commit the directory
+    atomically (nothing is left at ``output`` on failure). Returns (recipe path, tensors copied)."""
+    from megatron_elastic.device import seed_all
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.training.checkpoint import save_checkpoint
+
+    tokenizer, final_tokenizer = tokenizers
+    tmp = prepare_output(output, overwrite, protect=(hf_dir,))
+    try:
+        with single_process_parallel():
+            seed_all(cfg.train.seed)
+            model = build_model(one_process_config(cfg), vocab_size, use_te=use_te)
+            state = model_tensors(model)
+            if set(state) != set(expected):
+                extra, lacking = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+                raise RuntimeError(f"internal: model tensors differ from the mapping: extra {extra[:3]}, "
+                                   f"missing {lacking[:3]}")
+            num = 0
+            with torch.no_grad():
+                for name, value in tensors():
+                    target = state.pop(name)
+                    if tuple(value.shape) != tuple(target.shape):
+                        raise ShapeMismatchError(f"shape mismatch for {name}: converted {tuple(value.shape)}, "
+                                                 f"model {tuple(target.shape)}")
+                    target.copy_(value)
+                    num += 1
+            if state:
+                raise RuntimeError(f"internal: tensors left unset: {sorted(state)[:5]}")
+            save_checkpoint(tmp, model, None, cfg, 0)
+            del model
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp / final_tokenizer.relative_to(output))
+        recipe = Path(config_out) if config_out else output / CONFIG_NAME
+        _write_recipe(cfg, tmp / CONFIG_NAME, recipe, output, hf_dir)
+        commit_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if config_out:
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output / CONFIG_NAME, recipe)
+    return recipe, num
+
+
 def convert_hf_to_megatron(
     hf_dir: Union[str, os.PathLike],
     output: Union[str, os.PathLike],
@@ -189,63 +250,23 @@ def convert_hf_to_megatron(
     check_tokenizer_fits(hf_dir, shape.vocab_size)
     weights = HFWeights(hf_dir)
     plan = HFReadPlan(weights, shape)  # every tensor located and shape-checked before building
-    tmp = prepare_output(output, overwrite, protect=(hf_dir,))
-    try:
-        # The conversion process itself runs unsharded; the checkpoint records the chosen layout.
-        build_cfg = copy.deepcopy(cfg)
-        build_cfg.parallel.tensor_model_parallel_size = 1
-        build_cfg.parallel.expert_model_parallel_size = 1
-        build_cfg.parallel.sequence_parallel = False
-        with single_process_parallel():
-            from megatron_elastic.device import seed_all
-            from megatron_elastic.models.gpt import build_model
-            from megatron_elastic.training.checkpoint import save_checkpoint
 
-            seed_all(cfg.train.seed)
-            model = build_model(build_cfg, shape.vocab_size)
-            params = {mapping.canonical_param_name(n): p for n, p in model.named_parameters()}
-            expected = mapping.megatron_param_shapes(shape)
-            if set(params) != set(expected):
-                extra, lacking = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
-                raise RuntimeError(f"internal: model parameters differ from the mapping: extra {extra[:3]}, "
-                                   f"missing {lacking[:3]}")
-            num = 0
+    def tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        yield "embedding.word_embeddings.weight", plan.get("model.embed_tokens.weight")
+        for i in tqdm(range(shape.num_layers), desc="HF -> Megatron", unit="layer",
+                      disable=not progress, dynamic_ncols=True):
+            yield from mapping.hf_to_megatron_layer(plan.get, plan.get_expert, shape, i).items()
+            plan.release()
+        yield "decoder.final_layernorm.weight", plan.get("model.norm.weight")
+        if not shape.tied_embeddings:
+            yield "output_layer.weight", plan.get("lm_head.weight")
+        weights.close()
 
-            def put(name: str, value: torch.Tensor) -> None:
-                nonlocal num
-                param = params.pop(name)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ShapeMismatchError(
-                        f"shape mismatch for {name}: converted {tuple(value.shape)}, model {tuple(param.shape)}"
-                    )
-                param.copy_(value)
-                num += 1
+    def parameters(model) -> Dict[str, torch.Tensor]:
+        return {mapping.canonical_param_name(n): p for n, p in model.named_parameters()}
 
-            with torch.no_grad():
-                put("embedding.word_embeddings.weight", plan.get("model.embed_tokens.weight"))
-                for i in tqdm(range(shape.num_layers), desc="HF -> Megatron", unit="layer",
-                              disable=not progress, dynamic_ncols=True):
-                    for name, value in mapping.hf_to_megatron_layer(plan.get, plan.get_expert, shape, i).items():
-                        put(name, value)
-                    plan.release()
-                put("decoder.final_layernorm.weight", plan.get("model.norm.weight"))
-                if not shape.tied_embeddings:
-                    put("output_layer.weight", plan.get("lm_head.weight"))
-            if params:
-                raise RuntimeError(f"internal: parameters left unset: {sorted(params)[:5]}")
-            weights.close()
-            save_checkpoint(tmp, model, None, cfg, 0)
-            del model
-        if tokenizer is not None:
-            copy_tokenizer(tokenizer, tmp / final_tokenizer.relative_to(output))
-        recipe = Path(config_out) if config_out else output / CONFIG_NAME
-        _write_recipe(cfg, tmp / CONFIG_NAME, recipe, output, hf_dir)
-        commit_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if config_out:
-        recipe.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(output / CONFIG_NAME, recipe)
+    recipe, num = write_import(hf_dir, output, cfg, shape.vocab_size, (tokenizer, final_tokenizer), parameters,
+                               mapping.megatron_param_shapes(shape), tensors, config_out=config_out,
+                               overwrite=overwrite)
     return ImportResult(output=output, checkpoint_dir=output / "iter_0000000", config_path=recipe,
                         architecture=arch, config=cfg, num_tensors=num, seconds=time.time() - start)
