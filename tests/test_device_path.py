@@ -282,10 +282,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "check" / "summary.json").read_text())
     assert summary["dry_run"] and summary["passed"]
-    assert list(summary["steps"]) == ["data", "tests", "train_bf16", "train_fp32", "bench"]
+    assert list(summary["steps"]) == ["data", "tests", "train_bf16", "train_fp32", "bench", "bench_train"]
     assert summary["throughput"]["tokens_per_s"] > 0 and summary["throughput"]["tflops_per_device"] > 0
     assert summary["steps"]["train_fp32"]["max_rel_diff"] == 0.0  # both fp32 on CPU: identical
     assert {c["case"] for c in summary["steps"]["bench"]["cases"]} >= {"mcore_topk2", "elastic_fixed2"}
+    assert {c["case"] for c in summary["steps"]["bench_train"]["cases"]} >= {"stock_top2", "mmoe_layerwise[1,4]"}
     assert "overall: PASSED" in (tmp_path / "check" / "summary.txt").read_text()
 
 

@@ -9,13 +9,19 @@ the all-to-all, for:
 * ``elastic_fixed{k}``: ``ElasticRouter`` + ``ElasticAlltoAllTokenDispatcher``, fixed k;
 * ``elastic_layerwise[1,2k]``: k drawn per step from [1, 2k];
 * ``emoe_pool{k}of{k_ideal}``: EMoE candidate pool, k of the top k_ideal per token;
-* ``mcore_topk{k_ideal}``: what training at k_ideal would cost instead.
+* ``mcore_topk{k_ideal}``: what training at k_ideal would cost instead;
+* ``elastic_fixed{j}`` for every other j in [1, 2k]: the layer-wise layer with its draw pinned to
+  j, so the layer-wise case can be set against the cost of exactly the k it drew each step
+  (``vs_drawn_work``, the median over steps of t(step) / t_fixed(k drawn that step)) and against a
+  cost proportional to k (``vs_k_over_kmax_x_kmax``: t(step) / (k_l / k_max x t_fixed(k_max)),
+  what "E[k]/k_max x the Top-k_max step" asks of each draw).
 
 For each: the median step time (the slowest rank's) and its ratio to ``mcore_topk{k}``; the bytes
 per token each rank hands to the dispatch all-to-all, counted at the collective
 (``torch.distributed.all_to_all_single``, token tensors only) next to the expected
 k_l x hidden x element size; and the load imbalance, max/mean over EP ranks of the tokens each rank's
-experts receive. Cases run round-robin so that other load on the machine hits them alike.
+experts receive. Cases run round-robin, the order rotated every step (case i leads step i), so
+that other load on the machine and a case's position in the round hit them alike.
 
     python tools/bench_elastic_moe.py [--ep 2] [--tokens 4096 --hidden 256 --experts 16 --k 2 --pool-ratio 3]
 """
@@ -114,6 +120,7 @@ def run(rank: int, world: int, args) -> list:
 
     from megatron_elastic import parallel
     from megatron_elastic.config import Config
+    from megatron_elastic.moe.schedules import KSampler
 
     def cfg_for(k, schedule="fixed", k_min=None, k_max=None, pool=None):
         raw = {
@@ -140,12 +147,19 @@ def run(rank: int, world: int, args) -> list:
         (f"emoe_pool{k}of{k_ideal}", cfg_for(k, pool=args.pool_ratio), True),
         (f"mcore_topk{k_ideal}", cfg_for(k_ideal), False),
     ]
+    layerwise_cfg = cases[2][1]
+    cases += [(f"elastic_fixed{j}", layerwise_cfg, True) for j in range(1, 2 * k + 1) if j != k]
     layers = [build_layer(cfg, elastic).train() for _, cfg, elastic in cases]
+    for (name, _, _), layer in zip(cases[5:], layers[5:]):
+        # The layer-wise layer with its draw pinned to j: the very path it runs at each k it draws.
+        j = int(name.removeprefix("elastic_fixed"))
+        layer.router.sampler = KSampler(schedule="fixed", k_min=1, k_max=2 * k, seed=1234, fixed_k=j)
     counter = CollectiveCounter(args.hidden)
-    stats = [{"times": [], "bytes_per_token": [], "expected": [], "imbalance": []} for _ in cases]
+    stats = [{"times": [], "bytes_per_token": [], "expected": [], "imbalance": [], "k": []} for _ in cases]
     for it in range(args.warmup + args.iters):
-        for i, layer in enumerate(layers):
-            seconds, sent, received, k_l = step(layer, x, it, counter)
+        for r in range(len(layers)):
+            i = (r + it) % len(layers)  # every rank rotates alike: collectives stay paired
+            seconds, sent, received, k_l = step(layers[i], x, it, counter)
             row = torch.tensor([seconds, float(received)], dtype=torch.float64)
             if world > 1:
                 slowest = row[:1].clone()
@@ -160,6 +174,7 @@ def run(rank: int, world: int, args) -> list:
                 s = stats[i]
                 s["times"].append(seconds)
                 s["imbalance"].append(imbalance)
+                s["k"].append(k_l)
                 if world > 1:
                     s["bytes_per_token"].append(sent / args.tokens)
                     s["expected"].append(k_l * args.hidden * x.element_size())
@@ -169,12 +184,18 @@ def run(rank: int, world: int, args) -> list:
     for (name, _, _), s in zip(cases, stats):
         t = statistics.median(s["times"])
         out.append({
-            "case": name, "ms": t * 1e3, "ratio": t / base,
+            "case": name, "ms": t * 1e3, "ratio": t / base, "mean_k": statistics.mean(s["k"]),
             "bytes_per_token": statistics.mean(s["bytes_per_token"]) if s["bytes_per_token"] else None,
             "expected_bytes_per_token": statistics.mean(s["expected"]) if s["expected"] else None,
             "bytes_match_every_step": s["bytes_per_token"] == s["expected"],
             "load_imbalance": statistics.mean(s["imbalance"]),
         })
+    fixed = {int(r["mean_k"]): r["ms"] / 1e3 for r in out if r["case"].startswith("elastic_fixed")}
+    lw, k_max = stats[2], 2 * k
+    out[2]["vs_drawn_work"] = statistics.median(t / fixed[k_l] for t, k_l in zip(lw["times"], lw["k"]))
+    # Cost proportional to k: each step's draw k_l over k_max times the k_max layer's time.
+    out[2]["vs_k_over_kmax_x_kmax"] = statistics.median(
+        t / (k_l / k_max * fixed[k_max]) for t, k_l in zip(lw["times"], lw["k"]))
     return out
 
 
@@ -227,12 +248,17 @@ def main(argv=None) -> int:
     device = policy().device_name() if policy().cuda else f"cpu ({threads} threads per rank)"
     print(f"MoE layer fwd+bwd, EP {args.ep}, {args.tokens} tokens per rank, hidden {args.hidden}, "
           f"{args.experts} experts, device {device}, median of {args.iters}")
-    print(f"{'case':26s} {'ms':>9s} {'ratio':>7s} {'bytes/token':>12s} {'expected':>9s} {'imbalance':>10s}")
+    print(f"{'case':26s} {'ms':>9s} {'ratio':>7s} {'mean k':>7s} {'bytes/token':>12s} {'expected':>9s} "
+          f"{'imbalance':>10s}")
     for r in results:
         got = f"{r['bytes_per_token']:.0f}" if r["bytes_per_token"] is not None else "-"
         want = f"{r['expected_bytes_per_token']:.0f}" if r["expected_bytes_per_token"] is not None else "-"
-        print(f"{r['case']:26s} {r['ms']:9.2f} {r['ratio']:7.3f} {got:>12s} {want:>9s} "
+        print(f"{r['case']:26s} {r['ms']:9.2f} {r['ratio']:7.3f} {r['mean_k']:7.2f} {got:>12s} {want:>9s} "
               f"{r['load_imbalance']:10.3f}")
+    layerwise = results[2]
+    print(f"{layerwise['case']}: {layerwise['vs_drawn_work']:.3f} x the work it drew "
+          f"(elastic_fixed{{j}} at each step's k), {layerwise['vs_k_over_kmax_x_kmax']:.3f} x k/k_max x the "
+          f"k_max layer (elastic_fixed{2 * args.k}); medians over steps")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": device, "ep": args.ep, "tokens_per_rank": args.tokens, "hidden": args.hidden,

@@ -15,6 +15,9 @@ Steps (each recorded as passed/failed with its output tail; a failed step does n
 4. ``train_fp32``: the first ``--compare-steps`` steps again in fp32; each step's bf16 loss must
    agree with fp32 within ``--rel-tol`` (relative).
 5. ``bench``: ``tools/bench_elastic_moe.py`` on the device (ratios to Megatron-core's Top-k).
+6. ``bench_train``: ``tools/bench_train.py``, whole training steps of the same model with
+   Megatron-core's MoE spec and with this project's (ratios, and the layer-wise case against the
+   work it drew and against E[k]/k_max x the Top-k_max step).
 
 The summary (``summary.json`` and ``summary.txt`` in ``--out``) lists each step, tokens/s,
 TFLOP/s and MFU per device, peak memory, the bf16-vs-fp32 agreement and the benchmark ratios.
@@ -182,6 +185,17 @@ def main(argv=None) -> int:
     bench = json.loads((out / "bench.json").read_text()) if rc == 0 else None
     record("bench", rc, secs, {"cases": bench["cases"] if bench else None})
 
+    # 6. whole training steps
+    train_bench_args = (["--layers", "2", "--hidden", "32", "--ffn", "32", "--experts", "8", "--seq", "32",
+                         "--vocab", "256", "--micro-batch", "2", "--steps", "2", "--warmup", "1"] if dry
+                        else ["--layers", "4", "--hidden", "1024", "--ffn", "2048", "--experts", "8",
+                              "--seq", "1024", "--vocab", "32000", "--micro-batch", "4", "--microbatches", "4",
+                              "--steps", "10"])
+    rc, text, secs = run([py, "tools/bench_train.py", *train_bench_args, "--json", str(out / "bench_train.json")],
+                         out / "bench_train.log", env=env, timeout=None if dry else 300)
+    bench_train = json.loads((out / "bench_train.json").read_text()) if rc == 0 else None
+    record("bench_train", rc, secs, {"cases": bench_train["cases"] if bench_train else None})
+
     summary["passed"] = all(s["passed"] for s in summary["steps"].values())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = [f"gpu_check {'(dry run, CPU) ' if dry else ''}on {summary['device']} "
@@ -198,6 +212,12 @@ def main(argv=None) -> int:
     if bench:
         lines.append("  bench (ratio to Megatron-core Top-k): " + ", ".join(
             f"{c['case']} {c['ratio']:.2f}" for c in bench["cases"]))
+    if bench_train:
+        lines.append("  bench_train (ratio to Megatron-core's MoE spec): " + ", ".join(
+            f"{c['case']} {c['ratio']:.2f}" for c in bench_train["cases"]))
+        lw = next(c for c in bench_train["cases"] if c["case"].startswith("mmoe_layerwise"))
+        lines.append(f"  layer-wise: {lw['vs_drawn_work']:.3f} x the work it drew, "
+                     f"{lw['vs_target_Ek_over_kmax_x_topkmax']:.3f} x E[k]/k_max x Top-k_max")
     lines.append(f"  overall: {'PASSED' if summary['passed'] else 'FAILED'}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -8,6 +8,7 @@ routing the layer tells it which k the router used so buffers are sized to k_l.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,20 @@ from megatron_elastic.moe.context import StepContext
 from megatron_elastic.moe.dispatcher import ElasticAlltoAllTokenDispatcher
 from megatron_elastic.moe.router import ElasticRouter, elastic_routers
 from megatron_elastic.moe.schedules import KSampler
+
+
+class _SubclassNoticeFilter(logging.Filter):
+    """Megatron-core 0.16.1's TransformerLayer recognises MLP modules by identity
+    (``spec.module in (MoELayer, ...)``), so for this subclass it logs "Unknown MLP type ...
+    Using default kwargs" at every layer and builds it without ``pg_collection``;
+    ``ElasticMoELayer`` then takes the default process groups, which are the groups every model
+    here is built with. That notice says nothing to a user and is dropped; other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SubclassNoticeFilter())
 
 
 class ElasticMoELayer(MoELayer):

@@ -159,11 +159,6 @@ class ElasticRouter(TopKRouter):
             return not self.config.moe_router_pre_softmax
         return not k_is_one
 
-    def _raw_selected_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.score_function == "softmax":
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
-        return torch.sigmoid(logits.float())
-
     def _token_ids(self, seq_length: int, bsz: int, device) -> torch.Tensor:
         """Global token ids for [s, b] flattened tokens: (sample_offset + b) * s_len + s.
 
@@ -217,7 +212,9 @@ class ElasticRouter(TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
         scores = self._scores(logits)
-        raw = self._raw_selected_scores(logits)
+        # Gates before renormalisation: softmax gates are the routing distribution itself (not
+        # computed twice); sigmoid gates are the unnormalised sigmoids.
+        raw = scores if self.score_function == "softmax" else torch.sigmoid(logits.float())
         if k is not None:
             # EMoE: draw k of the top k_ideal per token.
             k_ideal = routing_math.candidate_pool_size(k, self.pool_ratio, self.num_experts)
