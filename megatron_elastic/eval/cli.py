@@ -123,14 +123,14 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
             f"--load {load}: no checkpoint found (no latest_checkpointed_iteration.txt and no "
             "metadata.json); point it at a run's checkpoint root or at one iter_N directory"
         )
-    overrides = list(overrides)
+    # dist_checkpointing reshards, so the layout is the launch's, not the checkpoint's. No launch
+    # evaluates with pipeline stages: the sweep tallies every MoE layer's routing on each rank's
+    # model, which must hold all layers. One process also drops TP/EP (any saved layout loads).
+    layout = ["parallel.pipeline_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=null"]
     if _single_process():
-        # dist_checkpointing reshards: a checkpoint saved under TP/EP/PP/DP loads into one process.
-        overrides = [
-            "parallel.tensor_model_parallel_size=1", "parallel.expert_model_parallel_size=1",
-            "parallel.expert_tensor_parallel_size=1", "parallel.sequence_parallel=false",
-            "parallel.pipeline_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=null",
-        ] + overrides
+        layout = ["parallel.tensor_model_parallel_size=1", "parallel.expert_model_parallel_size=1",
+                  "parallel.expert_tensor_parallel_size=1", "parallel.sequence_parallel=false"] + layout
+    overrides = layout + list(overrides)
     overrides += ["checkpoint.save=null", f"checkpoint.load={ckpt_dir}", "checkpoint.finetune=false",
                   "logging.tensorboard_dir=null", "logging.wandb_project=null"]
     if eval_iters is not None:
@@ -138,6 +138,13 @@ def load_for_eval(load, config_path: Optional[str], overrides: List[str], eval_i
             raise EvalError(f"--eval-iters {eval_iters} must be >= 1")
         overrides.append(f"train.eval_iters={eval_iters}")
     cfg = _load_run_config(ckpt_dir, config_path, overrides)
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise EvalError(
+            f"parallel.pipeline_model_parallel_size={cfg.parallel.pipeline_model_parallel_size}: the "
+            "elastic evaluation tallies every MoE layer's routing on each rank's model, so it runs "
+            "without pipeline stages; drop that override (a checkpoint saved with pipeline stages "
+            "reshards on load; use tensor/expert parallelism to spread a large model)"
+        )
     if check_request is not None:
         check_request(cfg)
 

@@ -144,6 +144,31 @@ def test_error_budget_wrong_length(tmp_path, capsys):
     assert rc == 2 and "k=12" in err
 
 
+def test_multi_process_eval_drops_pipeline_stages_and_refuses_them_when_asked(tmp_path, capsys, monkeypatch):
+    """The sweep tallies routing per MoE layer on each rank's model: a multi-process launch
+    evaluates without pipeline stages (the saved PP x VP layout reshards) and refuses an explicit
+    request for them before anything is initialised."""
+    from megatron_elastic.config import load_config, save_config
+    from megatron_elastic.eval.cli import load_for_eval
+
+    ckpt = _fake_checkpoint(tmp_path, num_layers=4)
+    saved = ckpt / "iter_0000001" / "run_config.yaml"
+    save_config(load_config(saved, ["parallel.pipeline_model_parallel_size=2",
+                                    "parallel.virtual_pipeline_model_parallel_size=2"]), saved)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = {}
+
+    def stop_before_init(cfg):
+        seen["layout"] = (cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size)
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        load_for_eval(ckpt, None, [], check_request=stop_before_init)
+    assert seen["layout"] == (1, None)
+    rc, _, err = _main(["--load", str(ckpt), "parallel.pipeline_model_parallel_size=2"], capsys)
+    assert rc == 2 and "pipeline_model_parallel_size=2" in err and "without pipeline stages" in err
+
+
 def test_error_bad_override(tmp_path, capsys):
     ckpt = _fake_checkpoint(tmp_path)
     rc, _, err = _main(["--load", str(ckpt), "model.num_layerz=3"], capsys)
