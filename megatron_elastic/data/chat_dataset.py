@@ -10,7 +10,7 @@ like ``GPTDataset`` (splits, blends, weights and held-out sets work the same way
 conversation: its first ``seq_length + 1`` tokens give ``tokens`` and ``labels`` (shifted by one),
 ``loss_mask[j]`` is the mask of ``labels[j]`` (the loss counts predicting an assistant token),
 and the rest of the sequence is padding (the tokenizer's pad id, else its EOD) with
-``loss_mask`` 0. No packing: the local spec's core attention (``models/attention.py``,
+``loss_mask`` 0 and ``padding_mask`` True. No packing: the local spec's core attention (``models/attention.py``,
 ``SDPAttention``) refuses megatron-core's ``packed_seq_params`` and applies a plain causal mask,
 so two conversations in one sequence would attend to each other; with one per sequence, causal
 attention never lets a real token see the padding after it. Longer conversations are truncated;
@@ -143,9 +143,14 @@ class ChatDataset(MegatronDataset):
         tokens[:n] = ids[:-1]
         labels[:n] = ids[1:]
         loss_mask[:n] = mask[1:]  # the loss of predicting labels[j] counts iff it is an assistant token
+        padding = torch.zeros(length, dtype=torch.bool)
+        padding[n:] = True
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": torch.arange(length, dtype=torch.int64)}
+                "position_ids": torch.arange(length, dtype=torch.int64),
+                # Positions past the conversation: routed like any token, but not data, so
+                # routing statistics leave them out (the loss mask already does).
+                "padding_mask": padding}
 
     def _truncation_report(self, indices: numpy.ndarray) -> str:
         """One line: conversations in this split, how many are cut at ``seq_length + 1`` tokens

@@ -152,6 +152,8 @@ class BatchReader:
         batch = {}
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             batch[key] = torch.stack([_as_tensor(s[key]) for s in samples])
+        if "padding_mask" in samples[0]:  # chat data: [b, s], True past each conversation
+            batch["padding_mask"] = torch.stack([_as_tensor(s["padding_mask"]) for s in samples])
         return batch
 
 

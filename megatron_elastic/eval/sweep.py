@@ -78,7 +78,7 @@ def _eval_pass(model, reader, eval_iters: int, train_routing: bool = False) -> _
         for layer, router in enumerate(routers):
             if router.last_routing_map is None:
                 raise RuntimeError(f"router of layer {router.layer_number} recorded no routing")
-            tally.add_routing(layer, router.last_routing_map)
+            tally.add_routing(layer, data_token_rows(router.last_routing_map, batch))
             router.last_routing_map = None
 
     try:
@@ -90,6 +90,26 @@ def _eval_pass(model, reader, eval_iters: int, train_routing: bool = False) -> _
             r.record_routing = rec
     tally.all_reduce()
     return tally
+
+
+def data_token_rows(routing_map: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The rows of a router's ``[tokens, experts]`` map that hold data, not padding.
+
+    Megatron routes ``[s, b]`` hidden states flattened sequence-major (row = s_idx * b + b_idx);
+    under sequence parallelism a rank routes its tensor-parallel rank's chunk of s. Batches
+    without a ``padding_mask`` ([b, s], True at padding: chat data) are all data."""
+    pad = batch.get("padding_mask")
+    if pad is None:
+        return routing_map
+    b, s = pad.shape
+    s_local = routing_map.shape[0] // b
+    if s_local != s:
+        from megatron.core import parallel_state as ps
+
+        start = ps.get_tensor_model_parallel_rank() * s_local
+        pad = pad[:, start:start + s_local]
+    keep = ~pad.t().reshape(-1).to(routing_map.device)
+    return routing_map[keep]
 
 
 def _unwrap(model):

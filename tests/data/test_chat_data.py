@@ -199,6 +199,7 @@ def test_chat_samples_shift_the_mask_with_the_labels_and_count_truncation(chat_p
         assert sample["labels"][:n].tolist() == ids[1:n + 1].tolist()
         assert sample["loss_mask"][:n].tolist() == flags[1:n + 1].astype(float).tolist()
         assert not sample["loss_mask"][n:].any() and (sample["tokens"][n:] == tok.pad).all()
+        assert sample["padding_mask"].tolist() == [j >= n for j in range(SEQ)]
         assert sample["position_ids"].tolist() == list(range(SEQ))
     assert long > 0  # the data has conversations longer than the window
     out = capsys.readouterr().out

@@ -144,6 +144,19 @@ def test_error_budget_wrong_length(tmp_path, capsys):
     assert rc == 2 and "k=12" in err
 
 
+def test_routing_statistics_leave_padding_out():
+    """Rows are sequence-major ([s, b] flattened): with b=2, s=3 and the second sample padded
+    from position 1, the first from position 2, only (s0,b0), (s0,b1), (s1,b0) are data."""
+    import torch
+
+    from megatron_elastic.eval.sweep import data_token_rows
+
+    routing_map = torch.arange(6).unsqueeze(1).expand(6, 4) % 4 == torch.arange(4)
+    pad = torch.tensor([[False, False, True], [False, True, True]])
+    assert torch.equal(data_token_rows(routing_map, {"padding_mask": pad}), routing_map[[0, 1, 2]])
+    assert data_token_rows(routing_map, {}) is routing_map  # text data: every row is data
+
+
 def test_multi_process_eval_drops_pipeline_stages_and_refuses_them_when_asked(tmp_path, capsys, monkeypatch):
     """The sweep tallies routing per MoE layer on each rank's model: a multi-process launch
     evaluates without pipeline stages (the saved PP x VP layout reshards) and refuses an explicit
