@@ -153,7 +153,7 @@ def build(cfg: Config):
     from megatron_elastic.training.schedule import configure_grad_sync
     from megatron_elastic.training.optim import build_optimizer, use_distributed_optimizer
 
-    from megatron_elastic.data.datasets import check_vocabulary
+    from megatron_elastic.data.datasets import check_data
 
     env = parallel.initialize(cfg)
     check_environment(cfg)
@@ -161,8 +161,9 @@ def build(cfg: Config):
         tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     except ValueError as exc:  # unreadable files, or a tokenizer without an EOS token
         raise ConfigError(f"data.tokenizer_model: {exc}") from None
-    # Token ids that do not fit the embedding fail minutes in (a device-side assert on GPU).
-    check_vocabulary(cfg, tokenizer)
+    # Before the model: token ids that do not fit the embedding would fail minutes in (a
+    # device-side assert on GPU), and a chat/text mix only when the datasets are built.
+    check_data(cfg, tokenizer)
     chunks = build_model_chunks(cfg, tokenizer.vocab_size)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

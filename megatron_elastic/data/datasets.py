@@ -173,6 +173,18 @@ def model_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> int:
                              cfg.parallel.tensor_model_parallel_size)
 
 
+def check_data(cfg: Config, tokenizer) -> int:
+    """Refuse, before the model is built, data the run cannot use: a blend of chat and text data
+    or one that contradicts ``data.dataset_type`` (``resolve_dataset_type``), and token ids that
+    do not fit the model (``check_vocabulary``). Returns the model's vocabulary size."""
+    prefixes = {"data.data_path": parse_blend(cfg.data.data_path)[0]}
+    for key in ("valid_data_path", "test_data_path"):
+        if getattr(cfg.data, key):
+            prefixes[f"data.{key}"] = parse_blend(getattr(cfg.data, key), f"data.{key}")[0]
+    resolve_dataset_type(cfg, prefixes)
+    return check_vocabulary(cfg, tokenizer)
+
+
 def check_vocabulary(cfg: Config, tokenizer) -> int:
     """Refuse, before the model is built, a tokenizer or data whose ids do not fit the model.
 

@@ -252,6 +252,24 @@ def test_chat_and_text_prefixes_do_not_mix(chat_prefix, tok_dir, tok, tmp_path):
         _cfg(chat_prefix, tok_dir, "data.dataset_type=chats")
 
 
+def test_trainer_refuses_a_chat_text_mix_before_building_the_model(chat_prefix, tok_dir, tmp_path, monkeypatch, capsys):
+    from megatron_elastic import train
+    from megatron_elastic.data.preprocess import preprocess
+    from megatron_elastic.models import gpt
+
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "some text " * 20}] * 10)
+    text_prefix = preprocess([text], tok_dir, str(tmp_path / "t"), progress=False)["prefix"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(gpt, "build_model_chunks", no_model)
+    overrides = tiny_overrides({"prefix": chat_prefix, "tokenizer": tok_dir}, tmp_path / "run",
+                               **{"model.seq_length": SEQ}) + [f"data.valid_data_path=[{text_prefix}]"]
+    rc = train.main(["--config", str(REPO / "configs" / "smoke.yaml"), *overrides])
+    assert rc == 2 and "chat and text data in one run" in capsys.readouterr().err
+
+
 def test_missing_or_foreign_mask_files_are_named(chat_prefix, tok_dir, tok, tmp_path):
     import shutil
 
