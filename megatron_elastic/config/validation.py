@@ -115,7 +115,7 @@ def validate(cfg) -> None:
 
 def _validate_pipeline(cfg) -> None:
     """Layer split over pipeline stages (and virtual stages), as Megatron-core requires it."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    m, p = cfg.model, cfg.parallel
     pp, vp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     if vp is not None:
         if isinstance(vp, bool) or not isinstance(vp, int) or vp < 1:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-import torch
 
 from conversion_helpers import K_CHECKS, SMOKE, TOL, VOCAB, hf_model_logits, megatron_model_logits, read_safetensors
 from helpers import run_distributed, tiny_overrides, train_run
