@@ -187,7 +187,7 @@ class ElasticRouter(TopKRouter):
         else:
             probs, routing_map = self._custom_routing(logits, k, padding_mask)
         flat_logits = logits.reshape(-1, self.num_experts)
-        probs = self._apply_router_loss(probs, flat_logits)
+        probs = self._apply_router_loss(probs, flat_logits, padding_mask)
         if self.record_routing:
             self.last_routing_map = routing_map.detach()
             # The full routing distribution, for router diagnostics (entropy, ranking stability).
@@ -280,7 +280,8 @@ class ElasticRouter(TopKRouter):
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
 
-    def _apply_router_loss(self, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _apply_router_loss(self, probs: torch.Tensor, logits: torch.Tensor,
+                           padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         coeff = self.router_loss_coeff
         if not coeff or not self.training or not torch.is_grad_enabled():
             return probs
@@ -290,7 +291,9 @@ class ElasticRouter(TopKRouter):
         # configured one under any layout. The tracker sums the logged value over that group,
         # which turns the per-rank shares back into the global mean.
         group_size = self.tp_cp_group.size()
-        loss = (coeff / group_size) * routing_math.hierarchical_router_loss(self._scores(logits))
+        # Padding (chat data) is left out of the mean, as Megatron's aux losses leave it out.
+        loss = (coeff / group_size) * routing_math.hierarchical_router_loss(self._scores(logits),
+                                                                          padding=padding_mask)
         return self.attach_and_log_load_balancing_loss(
             probs, coeff, loss, "hierarchical_router_loss", self.tp_cp_group
         )

@@ -312,7 +312,8 @@ def keyed_uniforms(token_ids: torch.Tensor, n: int, key: int) -> torch.Tensor:
     return _srl(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
-def hierarchical_router_loss(probs: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
+def hierarchical_router_loss(probs: torch.Tensor, coeff: float = 1.0,
+                             padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``coeff * mean_t[-KL(p_t || U)] = coeff * mean_t[H(p_t) - log N]``.
 
     ``p_t`` is token ``t``'s full router distribution over the ``N`` experts
@@ -330,6 +331,9 @@ def hierarchical_router_loss(probs: torch.Tensor, coeff: float = 1.0) -> torch.T
     Numerics: ``p log p`` is evaluated as ``p * log(max(p, tiny))`` so exact
     zeros (softmax underflow) contribute 0 with a finite gradient.
     Half-precision inputs are promoted to float32.
+
+    ``padding`` (``[T]`` bool, True = not data) takes the mean over the other tokens only,
+    without a host sync (0 when every token is padding).
     """
     t, n = _check_probs(probs)
     if t == 0:
@@ -338,7 +342,10 @@ def hierarchical_router_loss(probs: torch.Tensor, coeff: float = 1.0) -> torch.T
     tiny = torch.finfo(p.dtype).tiny
     neg_entropy = (p * torch.log(p.clamp_min(tiny))).sum(dim=-1)  # sum_i p_i log p_i
     neg_kl = -(neg_entropy + math.log(n))  # = H(p) - log N = -KL(p || U)
-    return coeff * neg_kl.mean()
+    if padding is None:
+        return coeff * neg_kl.mean()
+    data = (~padding.reshape(-1)).to(neg_kl.dtype)
+    return coeff * (neg_kl * data).sum() / data.sum().clamp_min(1.0)
 
 
 def expert_cooccurrence(routing_map: torch.Tensor) -> torch.Tensor:

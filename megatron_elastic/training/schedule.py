@@ -101,14 +101,30 @@ class PipelineStep:
         if ctx is not None:
             ctx.set(iteration, mb, self.reader.sample_offset(mb))
         first, last = chunk.pre_process, chunk.post_process
-        batch = policy().to_device(self.reader.get(iteration, mb)) if (first or last) else None
+        batch = policy().to_device(self.reader.get(iteration, mb))
         output = model(
             batch["tokens"] if first else None,
             batch["position_ids"] if first else None,
             None,
             labels=batch["labels"] if last else None,
+            padding_mask=self._padding_mask(batch, chunk, first),
         )
         return output, batch
+
+    @staticmethod
+    def _padding_mask(batch: dict, chunk, first: bool) -> Optional[torch.Tensor]:
+        """Chat data's padding ([b, s], True = pad) for Megatron's MoE routing, which leaves
+        pads out of the aux losses, z-loss and expert-bias counts (the router's hierarchical loss
+        too). Every stage's MoE layers need it; Megatron splits it for sequence parallelism on
+        the first stage only, so later stages get their tensor-parallel rank's chunk here."""
+        pad = batch.get("padding_mask")
+        if pad is None or first or not chunk.config.sequence_parallel:
+            return pad
+        from megatron.core import parallel_state as ps
+
+        s_local = pad.shape[1] // ps.get_tensor_model_parallel_world_size()
+        start = ps.get_tensor_model_parallel_rank() * s_local
+        return pad[:, start:start + s_local].contiguous()
 
     # ------------------------------------------------------------------ training
     def train(self, iteration: int, before_finalize: Callable[[torch.Tensor], None]) -> torch.Tensor:

@@ -234,6 +234,51 @@ def test_prompt_targets_do_not_change_the_loss_and_reply_targets_do(chat_prefix,
         assert not torch.equal(loss_from_batch(model, dict(batch, labels=reply)), base)
 
 
+def test_padding_is_left_out_of_the_router_losses(chat_prefix, tok_dir, tok, one_process_parallel):
+    """The training forward (PipelineStep) hands chat padding to Megatron's MoE routing: with
+    aux loss, z-loss and the hierarchical router loss on, the router's gradients do not depend
+    on what the padded positions hold. Without the mask (the model called bare) they do."""
+    from megatron_elastic.data.datasets import BatchReader, build_datasets
+    from megatron_elastic.models.gpt import build_model
+    from megatron_elastic.moe.router import elastic_routers
+    from megatron_elastic.training.schedule import PipelineStep, masked_mean_loss
+
+    cfg = _cfg(chat_prefix, tok_dir, "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001",
+               "elastic.router_loss_coeff=0.1")
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size).train()
+    reader = BatchReader(build_datasets(cfg, tok, 1)[0], 2, 2, 0, 1)
+    batch = next(b for b in (reader.get(it, 0) for it in range(18)) if b["padding_mask"].any())
+    pad = batch["padding_mask"]
+    other = dict(batch, tokens=torch.where(pad, (batch["tokens"] + 5) % tok.vocab_size, batch["tokens"]))
+
+    class OneBatch:
+        mbs = 2
+
+        def __init__(self, b):
+            self.b = b
+
+        def get(self, iteration, microbatch):
+            return self.b
+
+        def sample_offset(self, microbatch):
+            return 0
+
+    def router_grads(b, through_schedule: bool):
+        model.zero_grad(set_to_none=True)
+        if through_schedule:
+            per_token, _ = PipelineStep(model, OneBatch(b))._forward(0, None, iter([0]), model)
+        else:
+            model.elastic_context.set(0, 0, 0)
+            per_token = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        masked_mean_loss(per_token, b["loss_mask"]).backward()
+        return torch.cat([r.weight.grad.flatten() for r in elastic_routers(model)])
+
+    masked = (router_grads(batch, True) - router_grads(other, True)).abs().max().item()
+    bare = (router_grads(batch, False) - router_grads(other, False)).abs().max().item()
+    assert masked < 1e-7 < 1e-5 < bare, (masked, bare)
+
+
 def test_chat_and_text_prefixes_do_not_mix(chat_prefix, tok_dir, tok, tmp_path):
     from megatron_elastic.data.datasets import build_datasets
     from megatron_elastic.data.preprocess import preprocess

@@ -235,6 +235,16 @@ def test_router_loss_hand_values():
     assert hierarchical_router_loss(half).item() == pytest.approx(-math.log(2))
 
 
+def test_router_loss_leaves_padding_out_of_the_mean():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    # Rows 0 and 2 are data: mean of 0 and -log 2; row 1 (one-hot, -log 4) is padding.
+    pad = torch.tensor([False, True, False])
+    assert hierarchical_router_loss(probs, padding=pad).item() == pytest.approx(-math.log(2) / 2)
+    assert hierarchical_router_loss(probs, padding=torch.zeros(3, dtype=torch.bool)).item() == pytest.approx(
+        hierarchical_router_loss(probs).item())
+    assert hierarchical_router_loss(probs, padding=torch.ones(3, dtype=torch.bool)).item() == 0.0  # all padding
+
+
 def test_router_loss_equals_negative_kl_to_uniform():
     probs, _ = _random_probs(16, 8, seed=7, dtype=torch.float64)
     u = torch.full_like(probs, 1 / 8)
