@@ -268,13 +268,13 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
                        architecture: Optional[str] = None, dtype=None, max_shard_size="5GB", tokenizer_model=None,
                        overwrite: bool = False,
                        progress: bool = True):
-    from transformers import DeepseekV2Config, DeepseekV3Config, GenerationConfig
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
     from megatron_elastic.convert.from_hf import one_process_config, single_process_parallel
     from megatron_elastic.convert.hf_config import default_inference_k, elastic_metadata
-    from megatron_elastic.convert.hf_writer import ShardWriter, commit_output, parse_size, prepare_output
+    from megatron_elastic.convert.hf_writer import ShardWriter, parse_size, prepare_output
     from megatron_elastic.convert.megatron_checkpoint import DistCheckpointSource
-    from megatron_elastic.convert.to_hf import ExportResult, _resolve_dtype, _tokenizer_path
+    from megatron_elastic.convert.to_hf import ExportResult, _resolve_dtype, export_tokenizer, finish_export
 
     start = time.time()
     check_exportable(cfg)
@@ -298,15 +298,8 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
         ds.check_inference_k(hf, k, "the checkpoint's inference k")
     shape = ds.shape_from_hf(hf)
     out_dtype = _resolve_dtype(dtype, source, emb)
-    tok_path = _tokenizer_path(cfg, tokenizer_model)
-    special = {}
-    if tok_path is not None:
-        from megatron_elastic.convert.hf_tokenizer import special_token_ids
-
-        special = special_token_ids(tok_path)
-        if special["vocab_size"] > vocab:
-            raise ShapeMismatchError(f"tokenizer {tok_path} has {special['vocab_size']} pieces but the embedding "
-                                     f"'{emb}' has only {vocab} rows: the tokenizer does not belong to this model")
+    tok_path, special = export_tokenizer(cfg, tokenizer_model, vocab, emb)
+    special = special or {}
     output = Path(output)
     tmp = prepare_output(output, overwrite, (ckpt_dir,))
     result = ExportResult(output=output, architecture=ds.ARCH_V2 if v2 else ds.ARCH, iteration=iteration,
@@ -348,14 +341,7 @@ def export_deepseek_v3(ckpt_dir: Path, cfg: Config, iteration: Optional[int], ou
             bos_token_id=special.get("bos"), eos_token_id=special.get("eos"), pad_token_id=special.get("pad"),
             dtype=str(out_dtype).replace("torch.", ""), elastic_moe=elastic_metadata(cfg, iteration))
         config.architectures = [ds.HF_CLASS_V2 if v2 else ds.HF_CLASS]
-        config.save_pretrained(str(tmp))
-        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                         pad_token_id=config.pad_token_id).save_pretrained(str(tmp))
-        if tok_path is not None:
-            from megatron_elastic.convert.hf_tokenizer import save_hf_tokenizer
-
-            save_hf_tokenizer(tok_path, tmp, model_max_length=cfg.model.max_position_embeddings or cfg.model.seq_length)
-        commit_output(tmp, output)
+        finish_export(tmp, output, config, cfg, tok_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -104,6 +104,39 @@ def _tokenizer_path(cfg: Config, tokenizer_model) -> Optional[Path]:
     )
 
 
+def export_tokenizer(cfg: Config, tokenizer_model, vocab: int, emb: str) -> Tuple[Optional[Path], Optional[dict]]:
+    """The tokenizer an export ships (``--tokenizer-model``, else the recipe's) and its special
+    token ids; one with more pieces than the embedding ``emb`` has rows is refused."""
+    tok_path = _tokenizer_path(cfg, tokenizer_model)
+    if tok_path is None:
+        return None, None
+    from megatron_elastic.convert.hf_tokenizer import special_token_ids
+
+    special = special_token_ids(tok_path)
+    if special["vocab_size"] > vocab:
+        raise mapping.ShapeMismatchError(
+            f"tokenizer {tok_path} has {special['vocab_size']} pieces but the embedding "
+            f"'{emb}' has only {vocab} rows: the tokenizer does not belong to this model"
+        )
+    return tok_path, special
+
+
+def finish_export(tmp: Path, output: Path, config, cfg: Config, tok_path: Optional[Path]) -> None:
+    """Every export's tail, once its weight shards are in ``tmp``: the model config, a generation
+    config with its special tokens, the tokenizer (when there is one), then the atomic move of
+    ``tmp`` to ``output``."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(str(tmp))
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id).save_pretrained(str(tmp))
+    if tok_path is not None:
+        from megatron_elastic.convert.hf_tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tok_path, tmp, model_max_length=cfg.model.max_position_embeddings or cfg.model.seq_length)
+    commit_output(tmp, output)
+
+
 def export(
     source,
     cfg: Config,
@@ -134,17 +167,7 @@ def export(
     shape = model_shape(cfg, vocab, arch)
     out_dtype = _resolve_dtype(dtype, source, emb)
     max_shard = parse_size(max_shard_size)
-    tok_path = _tokenizer_path(cfg, tokenizer_model)
-    special = None
-    if tok_path is not None:
-        from megatron_elastic.convert.hf_tokenizer import special_token_ids
-
-        special = special_token_ids(tok_path)
-        if special["vocab_size"] > vocab:
-            raise mapping.ShapeMismatchError(
-                f"tokenizer {tok_path} has {special['vocab_size']} pieces but the embedding "
-                f"'{emb}' has only {vocab} rows: the tokenizer does not belong to this model"
-            )
+    tok_path, special = export_tokenizer(cfg, tokenizer_model, vocab, emb)
     plan = plan_reads(source, shape)  # every tensor resolved (or a clear error) before writing
     output = Path(output)
     tmp = prepare_output(output, overwrite, protect)
@@ -172,19 +195,7 @@ def export(
         bar.close()
         result.shards = writer.finish()
         result.total_bytes = writer.total_bytes
-        config = hf_config(cfg, shape, out_dtype, special, iteration)
-        config.save_pretrained(str(tmp))
-        from transformers import GenerationConfig
-
-        gen = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        )
-        gen.save_pretrained(str(tmp))
-        if tok_path is not None:
-            from megatron_elastic.convert.hf_tokenizer import save_hf_tokenizer
-
-            save_hf_tokenizer(tok_path, tmp, model_max_length=cfg.model.max_position_embeddings or cfg.model.seq_length)
-        commit_output(tmp, output)
+        finish_export(tmp, output, hf_config(cfg, shape, out_dtype, special, iteration), cfg, tok_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
