@@ -303,7 +303,9 @@ class ElasticRouter(TopKRouter):
         micro-batches like the aux losses and averaged by the trainer's metrics)."""
         num_layers = self.config.num_layers
         k = self.last_mean_k
-        k = k.detach().float() if torch.is_tensor(k) else torch.tensor(k, device=self.weight.device)
+        # torch.full, not torch.tensor: a fill kernel, where torch.tensor(k, device=cuda) would
+        # copy from pageable host memory and synchronise the stream at every MoE layer.
+        k = k.detach().float() if torch.is_tensor(k) else torch.full((), float(k), device=self.weight.device)
         save_to_aux_losses_tracker("k", k, self.layer_number, num_layers)
 
 
