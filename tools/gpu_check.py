@@ -129,8 +129,8 @@ def main(argv=None) -> int:
     record("data", rc, time.time() - t0)
 
     # 2. tests on the device
-    tests = ["tests/test_device_path.py", "tests/moe/test_router.py", "tests/moe/test_dispatcher.py",
-             "tests/moe/test_control.py", "tests/test_train.py", "tests/test_gpu.py"]
+    tests = ["tests/test_device_path.py", "tests/moe/test_router.py", "tests/moe/test_router_syncs.py",
+             "tests/moe/test_dispatcher.py", "tests/moe/test_control.py", "tests/test_train.py", "tests/test_gpu.py"]
     cmd = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
     if dry:
         cmd += ["-k", "seeds_the_rng_tracker or fixed_k_matches_megatron_topk_router"]
