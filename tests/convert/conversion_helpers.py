@@ -100,58 +100,46 @@ def randomize(model, seed: int) -> None:
             p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.15 * noise)
 
 
-def hf_mixtral(**extra):
-    from transformers import MixtralConfig, MixtralForCausalLM
+# Shared by every tiny HF model: 4 heads over 2 KV groups, 4 experts of which 2 per token, the
+# special ids the tokenizer tests use.
+TINY_HF = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+               num_experts_per_tok=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+               pad_token_id=3)
 
-    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    config.update(extra)
-    model = MixtralForCausalLM(MixtralConfig(**config))
-    randomize(model, 5)
+
+def _tiny_hf(config_name: str, model_name: str, seed: int, **config):
+    """A transformers model class with random weights (``randomize``), in eval mode."""
+    import transformers
+
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**{**TINY_HF, **config}))
+    randomize(model, seed)
     return model.eval()
+
+
+def hf_mixtral(**extra):
+    return _tiny_hf("MixtralConfig", "MixtralForCausalLM", 5, **{
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_local_experts": 4, **extra})
 
 
 def hf_qwen3(**extra):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     # head_dim 16 != hidden/heads (8) and tied embeddings: both must survive the trip.
-    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True,
-                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    config.update(extra)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
-    randomize(model, 6)
-    return model.eval()
+    return _tiny_hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 6, **{
+        "intermediate_size": 64, "moe_intermediate_size": 48, "num_hidden_layers": 2, "head_dim": 16,
+        "num_experts": 4, "norm_topk_prob": False, "tie_word_embeddings": True, **extra})
 
 
 def hf_qwen2(**extra):
     """Qwen2-MoE with a gated shared expert, q/k/v biases and layer 1 dense (mlp_only_layers)."""
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, moe_intermediate_size=24,
-                  shared_expert_intermediate_size=40, num_hidden_layers=3, mlp_only_layers=[1],
-                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                  norm_topk_prob=False, qkv_bias=True, max_position_embeddings=64, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=3)
-    config.update(extra)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**config))
-    randomize(model, 7)
-    return model.eval()
+    return _tiny_hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", 7, **{
+        "intermediate_size": 56, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+        "num_hidden_layers": 3, "mlp_only_layers": [1], "num_experts": 4, "norm_topk_prob": False,
+        "qkv_bias": True, **extra})
 
 
 def hf_olmoe(**extra):
     """OLMoE: QK-norm over the whole q / k projection, raw top-k softmax gates (its default)."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    config.update(extra)
-    model = OlmoeForCausalLM(OlmoeConfig(**config))
-    randomize(model, 8)
-    return model.eval()
+    return _tiny_hf("OlmoeConfig", "OlmoeForCausalLM", 8, **{
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_experts": 4, **extra})
 
 
 def hf_qwen3_mixed(**extra):
