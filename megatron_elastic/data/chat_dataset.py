@@ -10,11 +10,12 @@ like ``GPTDataset`` (splits, blends, weights and held-out sets work the same way
 conversation: its first ``seq_length + 1`` tokens give ``tokens`` and ``labels`` (shifted by one),
 ``loss_mask[j]`` is the mask of ``labels[j]`` (the loss counts predicting an assistant token),
 and the rest of the sequence is padding (the tokenizer's pad id, else its EOD) with
-``loss_mask`` 0 and ``padding_mask`` True. No packing: the local spec's core attention (``models/attention.py``,
-``SDPAttention``) refuses megatron-core's ``packed_seq_params`` and applies a plain causal mask,
-so two conversations in one sequence would attend to each other; with one per sequence, causal
-attention never lets a real token see the padding after it. Longer conversations are truncated;
-every dataset counts them (``report``) and the trainer prints the count at start.
+``loss_mask`` 0 and ``padding_mask`` True. No packing: the local spec's core attention
+(``models/attention.py``, ``SDPAttention``) refuses megatron-core's ``packed_seq_params`` and
+applies a plain causal mask, so two conversations in one sequence would attend to each other;
+with one per sequence, causal attention never lets a real token see the padding after it.
+Longer conversations are truncated; every dataset counts them (``report``) and the trainer
+prints the count at start.
 
 Samples are drawn as epochs of seeded permutations of the split's conversations (one epoch when
 megatron-core asks for no fixed size: held-out sets), so the order depends on the seed only.
