@@ -54,6 +54,15 @@ def parse_blend(data_path: List, key: str = "data.data_path") -> Tuple[List[str]
     return prefixes, weights
 
 
+def data_blends(cfg: Config) -> Dict[str, Tuple[List[str], Optional[List[float]]]]:
+    """``{config key: (prefixes, weights)}`` for ``data.data_path`` and the held-out paths set."""
+    blends = {"data.data_path": parse_blend(cfg.data.data_path)}
+    for key in ("valid_data_path", "test_data_path"):
+        if getattr(cfg.data, key):
+            blends[f"data.{key}"] = parse_blend(getattr(cfg.data, key), f"data.{key}")
+    return blends
+
+
 def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
     """Build (train, valid, test) GPTDatasets sized for the whole run.
 
@@ -68,10 +77,7 @@ def build_datasets(cfg: Config, tokenizer, data_parallel_size: int):
         max(1, num_evals * t.eval_iters * t.global_batch_size),
         max(1, t.eval_iters * t.global_batch_size),
     ]
-    blends = {"data.data_path": parse_blend(d.data_path)}
-    for key in ("valid_data_path", "test_data_path"):
-        if getattr(d, key):
-            blends[f"data.{key}"] = parse_blend(getattr(d, key), f"data.{key}")
+    blends = data_blends(cfg)
     kind = resolve_dataset_type(cfg, {key: blend[0] for key, blend in blends.items()})
     if not d.valid_data_path:
         datasets = _build(cfg, tokenizer, sizes, t.seed, kind, blend=blends["data.data_path"], split=d.split)
@@ -177,11 +183,7 @@ def check_data(cfg: Config, tokenizer) -> int:
     """Refuse, before the model is built, data the run cannot use: a blend of chat and text data
     or one that contradicts ``data.dataset_type`` (``resolve_dataset_type``), and token ids that
     do not fit the model (``check_vocabulary``). Returns the model's vocabulary size."""
-    prefixes = {"data.data_path": parse_blend(cfg.data.data_path)[0]}
-    for key in ("valid_data_path", "test_data_path"):
-        if getattr(cfg.data, key):
-            prefixes[f"data.{key}"] = parse_blend(getattr(cfg.data, key), f"data.{key}")[0]
-    resolve_dataset_type(cfg, prefixes)
+    resolve_dataset_type(cfg, {key: blend[0] for key, blend in data_blends(cfg).items()})
     return check_vocabulary(cfg, tokenizer)
 
 
@@ -202,10 +204,7 @@ def check_vocabulary(cfg: Config, tokenizer) -> int:
             f"model.vocab_size={vocab}: set model.vocab_size >= {tokenizer.vocab_size} (or null to "
             "use the tokenizer's size, padded)"
         )
-    prefixes = parse_blend(cfg.data.data_path)[0]
-    for key in ("valid_data_path", "test_data_path"):
-        if getattr(cfg.data, key):
-            prefixes += parse_blend(getattr(cfg.data, key), f"data.{key}")[0]
+    prefixes = [prefix for blend_prefixes, _ in data_blends(cfg).values() for prefix in blend_prefixes]
     for prefix in prefixes:
         found = dataset_token_range(prefix)
         if found.max_token_id < vocab:
