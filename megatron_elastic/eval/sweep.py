@@ -104,10 +104,9 @@ def data_token_rows(routing_map: torch.Tensor, batch: dict) -> torch.Tensor:
     b, s = pad.shape
     s_local = routing_map.shape[0] // b
     if s_local != s:
-        from megatron.core import parallel_state as ps
+        from megatron_elastic.training.schedule import tensor_parallel_sequence_chunk
 
-        start = ps.get_tensor_model_parallel_rank() * s_local
-        pad = pad[:, start:start + s_local]
+        pad = tensor_parallel_sequence_chunk(pad, s_local)
     keep = ~pad.t().reshape(-1).to(routing_map.device)
     return routing_map[keep]
 

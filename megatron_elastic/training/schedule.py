@@ -43,6 +43,15 @@ def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def tensor_parallel_sequence_chunk(t: torch.Tensor, s_local: int) -> torch.Tensor:
+    """This tensor-parallel rank's part of a ``[b, s]`` tensor's sequence, as sequence
+    parallelism splits the hidden states: the rank-th contiguous chunk of ``s_local``."""
+    from megatron.core import parallel_state as ps
+
+    start = ps.get_tensor_model_parallel_rank() * s_local
+    return t[:, start:start + s_local].contiguous()
+
+
 def as_chunks(model) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -71,14 +80,18 @@ class PipelineStep:
         self.chunks = as_chunks(model)
         self.reader = reader
         self.micro_batch_size = micro_batch_size or reader.mbs
-        self._seq_length: Optional[int] = None
+        self._first_batch: Optional[dict] = None
 
     # ------------------------------------------------------------------ helpers
+    def _data_sample(self) -> dict:
+        """The data's first micro-batch, read once: what every batch's shape and keys are."""
+        if self._first_batch is None:
+            self._first_batch = self.reader.get(0, 0)
+        return self._first_batch
+
     def seq_length(self) -> int:
         """Sequence length of the data (the shape of the activations passed between stages)."""
-        if self._seq_length is None:
-            self._seq_length = int(self.reader.get(0, 0)["tokens"].shape[1])
-        return self._seq_length
+        return int(self._data_sample()["tokens"].shape[1])
 
     def _run(self, forward_step_func, forward_only: bool, num_microbatches: int) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -101,7 +114,9 @@ class PipelineStep:
         if ctx is not None:
             ctx.set(iteration, mb, self.reader.sample_offset(mb))
         first, last = chunk.pre_process, chunk.post_process
-        batch = policy().to_device(self.reader.get(iteration, mb))
+        # A middle stage reads the batch only for the padding its MoE layers route around.
+        needed = first or last or "padding_mask" in self._data_sample()
+        batch = policy().to_device(self.reader.get(iteration, mb)) if needed else None
         output = model(
             batch["tokens"] if first else None,
             batch["position_ids"] if first else None,
@@ -112,19 +127,17 @@ class PipelineStep:
         return output, batch
 
     @staticmethod
-    def _padding_mask(batch: dict, chunk, first: bool) -> Optional[torch.Tensor]:
+    def _padding_mask(batch: Optional[dict], chunk, first: bool) -> Optional[torch.Tensor]:
         """Chat data's padding ([b, s], True = pad) for Megatron's MoE routing, which leaves
         pads out of the aux losses, z-loss and expert-bias counts (the router's hierarchical loss
         too). Every stage's MoE layers need it; Megatron splits it for sequence parallelism on
         the first stage only, so later stages get their tensor-parallel rank's chunk here."""
-        pad = batch.get("padding_mask")
+        pad = batch.get("padding_mask") if batch is not None else None
         if pad is None or first or not chunk.config.sequence_parallel:
             return pad
         from megatron.core import parallel_state as ps
 
-        s_local = pad.shape[1] // ps.get_tensor_model_parallel_world_size()
-        start = ps.get_tensor_model_parallel_rank() * s_local
-        return pad[:, start:start + s_local].contiguous()
+        return tensor_parallel_sequence_chunk(pad, pad.shape[1] // ps.get_tensor_model_parallel_world_size())
 
     # ------------------------------------------------------------------ training
     def train(self, iteration: int, before_finalize: Callable[[torch.Tensor], None]) -> torch.Tensor:
