@@ -147,12 +147,11 @@ def run(rank: int, world: int, args) -> list:
         (f"emoe_pool{k}of{k_ideal}", cfg_for(k, pool=args.pool_ratio), True),
         (f"mcore_topk{k_ideal}", cfg_for(k_ideal), False),
     ]
-    layerwise_cfg = cases[2][1]
-    cases += [(f"elastic_fixed{j}", layerwise_cfg, True) for j in range(1, 2 * k + 1) if j != k]
+    pinned = [j for j in range(1, 2 * k + 1) if j != k]
+    cases += [(f"elastic_fixed{j}", cases[2][1], True) for j in pinned]
     layers = [build_layer(cfg, elastic).train() for _, cfg, elastic in cases]
-    for (name, _, _), layer in zip(cases[5:], layers[5:]):
+    for j, layer in zip(pinned, layers[-len(pinned):]):
         # The layer-wise layer with its draw pinned to j: the very path it runs at each k it draws.
-        j = int(name.removeprefix("elastic_fixed"))
         layer.router.sampler = KSampler(schedule="fixed", k_min=1, k_max=2 * k, seed=1234, fixed_k=j)
     counter = CollectiveCounter(args.hidden)
     stats = [{"times": [], "bytes_per_token": [], "expected": [], "imbalance": [], "k": []} for _ in cases]
